@@ -1,0 +1,4 @@
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    usage_service_kit::service::main::<usage_processors::Processors>().await
+}

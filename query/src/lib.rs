@@ -1,0 +1,44 @@
+//! The query API: summaries, raw events, installations and exports, served
+//! from ClickHouse.
+
+pub mod config;
+pub mod error;
+
+use usage_service_kit::service::{no_routes, HttpService, Service};
+use usage_service_kit::Metrics;
+
+pub use config::Config;
+pub use error::QueryError;
+
+pub const SERVICE: &str = "query";
+
+/// A started query API.
+pub struct QueryApi {
+    pub http: HttpService,
+}
+
+impl Service for QueryApi {
+    type Config = Config;
+    type Error = QueryError;
+    const BINARY: &'static str = "usage-query";
+
+    fn log_args(config: &Config) -> &usage_service_kit::telemetry::LogArgs {
+        &config.log
+    }
+
+    async fn start(config: Config) -> Result<Self, QueryError> {
+        let metrics = Metrics::new(SERVICE);
+        let probes = vec![config.clickhouse.probe()];
+        let http = HttpService::start(SERVICE, config.listen, metrics, probes, no_routes())
+            .await
+            .map_err(|source| QueryError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Self { http })
+    }
+
+    async fn stop(self) {
+        self.http.stop().await;
+    }
+}

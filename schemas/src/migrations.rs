@@ -1,0 +1,261 @@
+//! ClickHouse DDL as numbered migrations, and the runner that applies them.
+//!
+//! The SQL lives in `schemas/clickhouse/migrations/NNNN_name.sql`, with the
+//! reasoning for each table's engine, keys, partitions and TTL next to it.
+//! The runner creates the database, then applies, in order, every migration
+//! not yet recorded in `schema_migrations`, recording each with a SHA-256 of
+//! its text. It is idempotent: statements use IF NOT EXISTS, so a crash
+//! between applying and recording is repaired by the next run. A recorded
+//! migration whose text has changed since is refused: migrations are
+//! append-only, a change is a new file.
+
+use clickhouse::Client;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// The configuration of the `usage-migrate` binary.
+/// Create the metering database and apply pending ClickHouse migrations.
+#[derive(Debug, clap::Parser)]
+#[command(name = "usage-migrate", version)]
+pub struct MigrateConfig {
+    #[command(flatten)]
+    pub clickhouse: usage_service_kit::clickhouse::ClickHouseArgs,
+    #[command(flatten)]
+    pub log: usage_service_kit::telemetry::LogArgs,
+}
+
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+macro_rules! migration {
+    ($version:literal, $name:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../clickhouse/migrations/", $name, ".sql")),
+        }
+    };
+}
+
+/// Every migration, in the order they apply. A test checks this list matches
+/// the files on disk.
+pub const MIGRATIONS: &[Migration] = &[
+    migration!(1, "0001_usage_events"),
+    migration!(2, "0002_usage_daily"),
+    migration!(3, "0003_usage_monthly"),
+    migration!(4, "0004_installation_metadata"),
+    migration!(5, "0005_installation_activity"),
+];
+
+impl Migration {
+    pub fn checksum(&self) -> String {
+        hex::encode(Sha256::digest(self.sql.as_bytes()))
+    }
+
+    /// The statements of the file: split at `;` ending a line, comments dropped.
+    pub fn statements(&self) -> Vec<String> {
+        split_statements(self.sql)
+    }
+}
+
+pub(crate) fn split_statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in sql.lines() {
+        let code = line.trim_end();
+        if code.trim_start().starts_with("--") || code.is_empty() {
+            continue;
+        }
+        current.push_str(code);
+        current.push('\n');
+        if code.ends_with(';') {
+            let stmt = current.trim().trim_end_matches(';').trim().to_string();
+            if !stmt.is_empty() {
+                out.push(stmt);
+            }
+            current.clear();
+        }
+    }
+    let rest = current.trim();
+    if !rest.is_empty() {
+        out.push(rest.to_string());
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("invalid database name {0:?}: use letters, digits and underscores")]
+    BadDatabaseName(String),
+    #[error(
+        "migration {version} ({name}) was edited after it was applied: add a new migration instead"
+    )]
+    Edited { version: u32, name: String },
+    #[error("migration {version} ({name}) failed: {source}")]
+    Statement {
+        version: u32,
+        name: &'static str,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+}
+
+/// What one run did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub applied: Vec<u32>,
+    pub already_applied: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct AppliedRow {
+    version: u32,
+    name: String,
+    checksum: String,
+}
+
+fn valid_identifier(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Applies every pending migration to `database` (created if absent).
+/// `server` is a client without a default database.
+pub async fn migrate(server: &Client, database: &str) -> Result<MigrationReport, MigrationError> {
+    if !valid_identifier(database) {
+        return Err(MigrationError::BadDatabaseName(database.to_string()));
+    }
+    server
+        .query(&format!("CREATE DATABASE IF NOT EXISTS `{database}`"))
+        .execute()
+        .await?;
+    let db = server.clone().with_database(database);
+    db.query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version UInt32,
+            name String,
+            checksum String,
+            applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        ) ENGINE = ReplacingMergeTree(applied_at) ORDER BY version",
+    )
+    .execute()
+    .await?;
+    let applied: Vec<AppliedRow> = db
+        .query("SELECT version, name, checksum FROM schema_migrations FINAL ORDER BY version")
+        .fetch_all()
+        .await?;
+
+    let mut report = MigrationReport::default();
+    for migration in MIGRATIONS {
+        let checksum = migration.checksum();
+        if let Some(row) = applied.iter().find(|r| r.version == migration.version) {
+            if row.checksum != checksum {
+                return Err(MigrationError::Edited {
+                    version: row.version,
+                    name: row.name.clone(),
+                });
+            }
+            report.already_applied.push(migration.version);
+            continue;
+        }
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "applying migration"
+        );
+        for statement in migration.statements() {
+            db.query(&statement)
+                .execute()
+                .await
+                .map_err(|source| MigrationError::Statement {
+                    version: migration.version,
+                    name: migration.name,
+                    source,
+                })?;
+        }
+        db.query("INSERT INTO schema_migrations (version, name, checksum) VALUES (?, ?, ?)")
+            .bind(migration.version)
+            .bind(migration.name)
+            .bind(&checksum)
+            .execute()
+            .await?;
+        report.applied.push(migration.version);
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_matches_the_files_on_disk() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/clickhouse/migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .expect("migrations folder exists")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<String> = MIGRATIONS
+            .iter()
+            .map(|m| format!("{}.sql", m.name))
+            .collect();
+        assert_eq!(
+            files, listed,
+            "every migration file must be listed in MIGRATIONS, in order"
+        );
+    }
+
+    #[test]
+    fn versions_are_consecutive_and_match_file_prefixes() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1);
+            assert_eq!(
+                m.name[..4].parse::<u32>().ok(),
+                Some(m.version),
+                "{}",
+                m.name
+            );
+        }
+    }
+
+    #[test]
+    fn every_migration_is_idempotent_ddl() {
+        for m in MIGRATIONS {
+            let statements = m.statements();
+            assert!(!statements.is_empty(), "{} has no statement", m.name);
+            for s in statements {
+                assert!(
+                    s.contains("IF NOT EXISTS"),
+                    "{}: statement is not idempotent: {s}",
+                    m.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn splitting_drops_comments_and_keeps_statements_whole() {
+        let sql = "-- a comment; with a semicolon\nCREATE TABLE a (x UInt8)\nENGINE = Memory;\n\n-- next\nCREATE VIEW v AS\nSELECT 1;\n";
+        assert_eq!(
+            split_statements(sql),
+            vec![
+                "CREATE TABLE a (x UInt8)\nENGINE = Memory".to_string(),
+                "CREATE VIEW v AS\nSELECT 1".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn database_names_are_checked() {
+        assert!(valid_identifier("usage_test_42"));
+        assert!(!valid_identifier("usage; DROP"));
+        assert!(!valid_identifier(""));
+    }
+}

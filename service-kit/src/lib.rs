@@ -1,0 +1,18 @@
+//! What every service of the metering backend shares, so each service's own
+//! crate holds only its domain logic:
+//! - `telemetry`: tracing setup (text or JSON logs);
+//! - `metrics`: the Prometheus registry behind `/metrics`;
+//! - `health`: `/health` (process alive) and `/ready` (dependencies answer);
+//! - `kafka` and `clickhouse`: typed connection settings, clients and probes;
+//! - `server`: binding the HTTP listener and serving until shutdown.
+
+pub mod clickhouse;
+pub mod health;
+pub mod kafka;
+pub mod metrics;
+pub mod server;
+pub mod service;
+pub mod telemetry;
+
+pub use health::{Probe, Readiness};
+pub use metrics::Metrics;

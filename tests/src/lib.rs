@@ -1,0 +1,109 @@
+//! Shared helpers for the end-to-end and integration tests.
+//!
+//! The tests run against the real Kafka and ClickHouse that `./stack engines`
+//! (or `./stack test`) starts. Every test isolates itself with its own
+//! ClickHouse database and its own Kafka topics and consumer groups, so tests
+//! run in parallel and never see each other's data, nor the data of a running
+//! local stack.
+
+use std::time::Duration;
+
+use usage_service_kit::clickhouse::ClickHouseArgs;
+use usage_service_kit::kafka::KafkaArgs;
+
+pub const KAFKA_ENV: &str = "USAGE_TEST_KAFKA_BROKERS";
+pub const CLICKHOUSE_ENV: &str = "USAGE_TEST_CLICKHOUSE_URL";
+
+/// A name no other test run uses: `prefix_` + 12 hex chars.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}", &id[..12])
+}
+
+/// Kafka settings with fresh topics (created on first use by the services or
+/// by [`create_topics`]).
+pub fn kafka_args() -> KafkaArgs {
+    KafkaArgs {
+        brokers: std::env::var(KAFKA_ENV).unwrap_or_else(|_| "127.0.0.1:9092".into()),
+        events_topic: unique("test_events"),
+        installations_topic: unique("test_installations"),
+        events_partitions: 4,
+        replication: 1,
+    }
+}
+
+/// ClickHouse settings pointing at a database name nobody uses yet (not created).
+pub fn clickhouse_args() -> ClickHouseArgs {
+    ClickHouseArgs {
+        url: std::env::var(CLICKHOUSE_ENV).unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
+        database: unique("test"),
+        user: "default".into(),
+        password: String::new(),
+    }
+}
+
+/// A fresh database with every migration applied; dropped by [`drop_database`].
+pub async fn migrated_database() -> ClickHouseArgs {
+    let args = clickhouse_args();
+    require_clickhouse(&args).await;
+    usage_schemas::migrations::migrate(&args.server_client(), &args.database)
+        .await
+        .expect("migrations apply to a fresh database");
+    args
+}
+
+pub async fn drop_database(args: &ClickHouseArgs) {
+    let _ = args
+        .server_client()
+        .query(&format!("DROP DATABASE IF EXISTS `{}` SYNC", args.database))
+        .execute()
+        .await;
+}
+
+/// Fails the test with the fix when ClickHouse is not running.
+pub async fn require_clickhouse(args: &ClickHouseArgs) {
+    if let Err(err) = args.server_client().query("SELECT 1").execute().await {
+        panic!(
+            "ClickHouse is not reachable at {} ({err}). Start the engines with `./stack engines`, \
+             or run the suite with `./stack test`.",
+            args.url
+        );
+    }
+}
+
+/// Fails the test with the fix when Kafka is not running.
+pub async fn require_kafka(args: &KafkaArgs) {
+    if let Err(err) = args.probe().run().await {
+        panic!(
+            "Kafka is not reachable at {} ({err}). Start the engines with `./stack engines`, \
+             or run the suite with `./stack test`.",
+            args.brokers
+        );
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A plain HTTP client for the services under test.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("reqwest client builds")
+}
