@@ -3,11 +3,12 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use usage_service_kit::auth::JwtArgs;
 use usage_service_kit::kafka::KafkaArgs;
 use usage_service_kit::telemetry::LogArgs;
 
 /// The usage-event gateway (ingest).
-#[derive(Debug, Clone, Parser)]
+#[derive(Clone, Parser)]
 #[command(name = "usage-ingest", version)]
 pub struct Config {
     /// HTTP listen address (plugin API, /health, /ready, /metrics).
@@ -16,10 +17,62 @@ pub struct Config {
     /// Name of this gateway instance, recorded on every event it accepts.
     #[arg(long, env = "USAGE_INGEST_INSTANCE", default_value = "ingest-local")]
     pub instance: String,
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, env = "USAGE_INGEST_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: u64,
+    /// Most events accepted in one batch (the plugin sends at most 50).
+    #[arg(long, env = "USAGE_INGEST_MAX_EVENTS", default_value_t = 500)]
+    pub max_events: usize,
+    /// How far a signature's timestamp may be from server time, in seconds.
+    #[arg(
+        long,
+        env = "USAGE_INGEST_SIGNATURE_WINDOW_SECS",
+        default_value_t = 300
+    )]
+    pub signature_window_secs: i64,
+    /// How far an event's created_at may be ahead of server time, in seconds.
+    #[arg(long, env = "USAGE_INGEST_MAX_FUTURE_SECS", default_value_t = 300)]
+    pub max_future_secs: i64,
+    /// Oldest created_at accepted, in days (raw events are kept 90 days and
+    /// rollups are recomputed from them, so this must stay well below 90).
+    #[arg(long, env = "USAGE_INGEST_MAX_AGE_DAYS", default_value_t = 35, value_parser = clap::value_parser!(i64).range(1..=80))]
+    pub max_age_days: i64,
+    /// How long a request waits for Kafka to confirm its events before 503.
+    #[arg(long, env = "USAGE_INGEST_KAFKA_TIMEOUT_MS", default_value_t = 5000)]
+    pub kafka_timeout_ms: u64,
+    /// AES-256-GCM key (64 hex chars) sealing installation secrets on the
+    /// registry topic. The default is for local use only.
+    #[arg(
+        long,
+        env = "USAGE_REGISTRY_KEY",
+        default_value = crate::registry::seal::DEV_KEY_HEX,
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub registry_key: String,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("instance", &self.instance)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_events", &self.max_events)
+            .field("signature_window_secs", &self.signature_window_secs)
+            .field("max_age_days", &self.max_age_days)
+            .field("kafka_timeout_ms", &self.kafka_timeout_ms)
+            .field("registry_key", &"***")
+            .field("jwt", &self.jwt)
+            .field("kafka", &self.kafka)
+            .finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]
@@ -50,5 +103,21 @@ mod tests {
         assert_eq!(c.kafka.brokers, "k1:9092,k2:9092");
         assert_eq!(c.kafka.events_partitions, 48);
         assert!(Config::try_parse_from(["usage-ingest", "--listen", "nope"]).is_err());
+        assert!(Config::try_parse_from(["usage-ingest", "--max-age-days", "120"]).is_err());
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output() {
+        let c = Config::try_parse_from([
+            "usage-ingest",
+            "--registry-key",
+            &"ab".repeat(32),
+            "--jwt-secret",
+            "topsecret-jwt",
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(&"ab".repeat(32)));
+        assert!(!shown.contains("topsecret-jwt"));
     }
 }

@@ -1,23 +1,47 @@
 //! The gateway: verifies signed usage batches from the plugin fleet and
-//! appends the accepted events to Kafka.
+//! appends the accepted events to Kafka, acknowledging only what Kafka has.
+//!
+//! - `routes`: the HTTP surface; `handlers`: what each endpoint does;
+//! - `signature`: the legacy and v2 HMAC checks; `batch`: parsing and
+//!   per-event validation; `error`: the one error type and its HTTP mapping;
+//! - `registry`: the event-sourced installation registry (follower, commands,
+//!   secret sealing); `sink`: the Kafka writer.
 
+pub mod batch;
 pub mod config;
 pub mod error;
+pub mod handlers;
+pub mod metrics;
+pub mod registry;
+pub mod routes;
+pub mod signature;
+pub mod sink;
 
-use usage_service_kit::service::{no_routes, HttpService, Service};
-use usage_service_kit::Metrics;
+use std::sync::Arc;
+use std::time::Duration;
+
+use usage_service_kit::service::{HttpService, Service};
+use usage_service_kit::{Metrics, Probe};
 
 pub use config::Config;
 pub use error::IngestError;
 
+use crate::batch::Limits;
+use crate::handlers::Gateway;
+use crate::registry::{Registry, Sealer};
+use crate::sink::KafkaSink;
+
 pub const SERVICE: &str = "ingest";
 
-/// A started gateway.
-pub struct Gateway {
+/// A started gateway process.
+pub struct IngestService {
     pub http: HttpService,
+    pub registry: Arc<Registry>,
+    gateway: Arc<Gateway<KafkaSink>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Service for Gateway {
+impl Service for IngestService {
     type Config = Config;
     type Error = IngestError;
     const BINARY: &'static str = "usage-ingest";
@@ -28,33 +52,88 @@ impl Service for Gateway {
 
     async fn start(config: Config) -> Result<Self, IngestError> {
         let metrics = Metrics::new(SERVICE);
-        // Topics are created in the background: the gateway must come up (and
-        // report not-ready) even while Kafka is still starting.
+        if config.registry_key == registry::seal::DEV_KEY_HEX {
+            tracing::warn!("USAGE_REGISTRY_KEY is the development default: set it in production");
+        }
+        let sealer = Sealer::from_hex(&config.registry_key)
+            .map_err(|e| IngestError::Startup(e.to_string()))?;
+        let registry = Arc::new(Registry::new(sealer));
+        let sink = KafkaSink::new(
+            &config.kafka,
+            Duration::from_millis(config.kafka_timeout_ms),
+        )
+        .map_err(|e| IngestError::Startup(format!("Kafka producer: {e}")))?;
+
+        // Topics are created in the background: the gateway comes up (and
+        // reports not ready) even while Kafka is still starting.
         let kafka = config.kafka.clone();
-        tokio::spawn(async move {
-            let mut delay = std::time::Duration::from_millis(200);
+        let topics = tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
             while let Err(err) = kafka.ensure_topics().await {
                 tracing::warn!(%err, "could not ensure topics yet; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
         });
+        let follower = tokio::spawn(registry::follower::follow(
+            registry.clone(),
+            config.kafka.clone(),
+        ));
+
+        let gateway = Arc::new(Gateway {
+            registry: registry.clone(),
+            sink,
+            jwt: config.jwt.verifier(),
+            limits: Limits {
+                max_events: config.max_events,
+                max_future_secs: config.max_future_secs,
+                max_age_secs: config.max_age_days * 86_400,
+                ..Limits::default()
+            },
+            signature_window_secs: config.signature_window_secs,
+            instance: config.instance.clone(),
+            events_topic: config.kafka.events_topic.clone(),
+            installations_topic: config.kafka.installations_topic.clone(),
+            metrics: metrics::IngestMetrics::register(&metrics),
+        });
+        let registry_probe = {
+            let registry = registry.clone();
+            Probe::new("registry", move || {
+                let caught_up = registry.is_caught_up();
+                async move {
+                    if caught_up {
+                        Ok(())
+                    } else {
+                        Err("still reading the installations topic".to_string())
+                    }
+                }
+            })
+        };
         let http = HttpService::start(
             SERVICE,
             config.listen,
             metrics,
-            vec![config.kafka.probe()],
-            no_routes(),
+            vec![config.kafka.probe(), registry_probe],
+            routes::routes(gateway.clone(), config.max_body_bytes),
         )
         .await
         .map_err(|source| IngestError::Bind {
             addr: config.listen,
             source,
         })?;
-        Ok(Self { http })
+        Ok(Self {
+            http,
+            registry,
+            gateway,
+            background: vec![topics, follower],
+        })
     }
 
     async fn stop(self) {
         self.http.stop().await;
+        for task in self.background {
+            task.abort();
+        }
+        self.gateway.sink.flush();
     }
 }

@@ -1,4 +1,4 @@
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    usage_service_kit::service::main::<usage_ingest::Gateway>().await
+    usage_service_kit::service::main::<usage_ingest::IngestService>().await
 }

@@ -25,6 +25,32 @@ pub struct Config {
         default_value = "usage-processors"
     )]
     pub group: String,
+    /// Most events written to ClickHouse in one batch.
+    #[arg(long, env = "USAGE_PROCESSORS_BATCH_EVENTS", default_value_t = 5000)]
+    pub batch_events: usize,
+    /// Longest a batch waits for more events after its first one, in ms
+    /// (bounds the freshness of the rollups).
+    #[arg(long, env = "USAGE_PROCESSORS_BATCH_WAIT_MS", default_value_t = 200)]
+    pub batch_wait_ms: u64,
+    /// Kafka consumer session timeout: how fast a dead instance's partitions
+    /// move to the survivors.
+    #[arg(
+        long,
+        env = "USAGE_PROCESSORS_SESSION_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub session_timeout_ms: u64,
+    /// How often the price table is re-read from ClickHouse, in seconds.
+    #[arg(
+        long,
+        env = "USAGE_PROCESSORS_PRICE_REFRESH_SECS",
+        default_value_t = 60
+    )]
+    pub price_refresh_secs: u64,
+    /// TEST ONLY: abort right after the N-th batch reached ClickHouse, before
+    /// its offsets are committed (proves redelivery counts nothing twice).
+    #[arg(long, env = "USAGE_PROCESSORS_CRASH_AFTER_FLUSH", hide = true)]
+    pub crash_after_flush: Option<u64>,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]

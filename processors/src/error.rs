@@ -1,4 +1,5 @@
-//! The processors' one error type.
+//! The processors' one error type (start-up failures; runtime failures of
+//! Kafka or ClickHouse are retried in place, never fatal).
 
 use std::net::SocketAddr;
 
@@ -10,4 +11,6 @@ pub enum ProcessorError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start: {0}")]
+    Startup(String),
 }

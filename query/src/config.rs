@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
+use usage_service_kit::auth::JwtArgs;
 use usage_service_kit::clickhouse::ClickHouseArgs;
 use usage_service_kit::telemetry::LogArgs;
 
@@ -13,6 +14,8 @@ pub struct Config {
     /// HTTP listen address (query API, /health, /ready, /metrics).
     #[arg(long, env = "USAGE_QUERY_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
     #[command(flatten)]
     pub clickhouse: ClickHouseArgs,
     #[command(flatten)]

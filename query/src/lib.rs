@@ -1,10 +1,15 @@
 //! The query API: summaries, raw events, installations and exports, served
 //! from ClickHouse.
 
+pub mod access;
 pub mod config;
 pub mod error;
+pub mod routes;
+pub mod summary;
 
-use usage_service_kit::service::{no_routes, HttpService, Service};
+use std::sync::Arc;
+
+use usage_service_kit::service::{HttpService, Service};
 use usage_service_kit::Metrics;
 
 pub use config::Config;
@@ -29,7 +34,11 @@ impl Service for QueryApi {
     async fn start(config: Config) -> Result<Self, QueryError> {
         let metrics = Metrics::new(SERVICE);
         let probes = vec![config.clickhouse.probe()];
-        let http = HttpService::start(SERVICE, config.listen, metrics, probes, no_routes())
+        let api = Arc::new(routes::Api {
+            clickhouse: config.clickhouse.client(),
+            jwt: config.jwt.verifier(),
+        });
+        let http = HttpService::start(SERVICE, config.listen, metrics, probes, routes::routes(api))
             .await
             .map_err(|source| QueryError::Bind {
                 addr: config.listen,

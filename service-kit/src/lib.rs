@@ -6,6 +6,7 @@
 //! - `kafka` and `clickhouse`: typed connection settings, clients and probes;
 //! - `server`: binding the HTTP listener and serving until shutdown.
 
+pub mod auth;
 pub mod clickhouse;
 pub mod health;
 pub mod kafka;

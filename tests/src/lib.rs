@@ -6,6 +6,8 @@
 //! run in parallel and never see each other's data, nor the data of a running
 //! local stack.
 
+pub mod pipeline;
+
 use std::time::Duration;
 
 use usage_service_kit::clickhouse::ClickHouseArgs;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use usage_e2e::pipeline::{ingest_config, processors_config, query_config};
 use usage_e2e::{
     clickhouse_args, drop_database, eventually, http, kafka_args, migrated_database, require_kafka,
 };
@@ -60,17 +61,14 @@ async fn check_health_and_metrics(addr: std::net::SocketAddr, service: &str, dep
 async fn ingest_is_ready_when_kafka_answers() {
     let kafka = kafka_args();
     require_kafka(&kafka).await;
-    let config = usage_ingest::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        instance: "test".into(),
-        kafka,
-        log: test_log(),
-    };
-    let gateway = usage_ingest::Gateway::start(config).await.unwrap();
+    let gateway = usage_ingest::IngestService::start(ingest_config(&kafka))
+        .await
+        .unwrap();
     let addr = gateway.http.addr;
     let body = wait_ready(addr).await;
     assert_eq!(body["dependencies"]["kafka"]["ok"], true);
-    check_health_and_metrics(addr, "ingest", &["kafka"]).await;
+    assert_eq!(body["dependencies"]["registry"]["ok"], true);
+    check_health_and_metrics(addr, "ingest", &["kafka", "registry"]).await;
     gateway.stop().await;
 }
 
@@ -79,13 +77,7 @@ async fn processors_are_ready_when_kafka_and_clickhouse_answer() {
     let kafka = kafka_args();
     require_kafka(&kafka).await;
     let clickhouse = migrated_database().await;
-    let config = usage_processors::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        group: usage_e2e::unique("test_group"),
-        kafka,
-        clickhouse: clickhouse.clone(),
-        log: test_log(),
-    };
+    let config = processors_config(&kafka, &clickhouse, &usage_e2e::unique("test_group"));
     let processors = usage_processors::Processors::start(config).await.unwrap();
     let addr = processors.http.addr;
     let body = wait_ready(addr).await;
@@ -99,11 +91,7 @@ async fn processors_are_ready_when_kafka_and_clickhouse_answer() {
 #[tokio::test]
 async fn query_is_ready_when_clickhouse_answers() {
     let clickhouse = migrated_database().await;
-    let config = usage_query::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        clickhouse: clickhouse.clone(),
-        log: test_log(),
-    };
+    let config = query_config(&clickhouse);
     let api = usage_query::QueryApi::start(config).await.unwrap();
     wait_ready(api.http.addr).await;
     check_health_and_metrics(api.http.addr, "query", &["clickhouse"]).await;
@@ -118,13 +106,7 @@ async fn ready_is_503_with_the_reason_while_a_dependency_is_down() {
     kafka.brokers = "127.0.0.1:1".into();
     let mut clickhouse = clickhouse_args();
     clickhouse.url = "http://127.0.0.1:1".into();
-    let config = usage_processors::Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        group: "unused".into(),
-        kafka,
-        clickhouse,
-        log: test_log(),
-    };
+    let config = processors_config(&kafka, &clickhouse, "unused");
     let processors = usage_processors::Processors::start(config).await.unwrap();
     let addr = processors.http.addr;
     let body = eventually(
@@ -149,11 +131,4 @@ async fn ready_is_503_with_the_reason_while_a_dependency_is_down() {
         .unwrap();
     assert_eq!(health.status().as_u16(), 200);
     processors.stop().await;
-}
-
-fn test_log() -> usage_service_kit::telemetry::LogArgs {
-    usage_service_kit::telemetry::LogArgs {
-        filter: "warn".into(),
-        log_format: usage_service_kit::telemetry::LogFormat::Text,
-    }
 }

@@ -1,0 +1,170 @@
+//! The installation registry, event-sourced on the compacted installations
+//! topic (key: install_id, value: the Avro `Installation`, null erases).
+//!
+//! Every gateway holds the whole registry in memory, built at start by
+//! reading the topic from the beginning and kept current by following it
+//! (`follower`), so a registration accepted by one gateway is usable on every
+//! gateway as soon as they read it (well under a second). The gateway is not
+//! ready until it has caught up with the topic. Writes (`commands`) go to the
+//! topic first and are applied locally once Kafka has them.
+
+pub mod commands;
+pub mod follower;
+pub mod seal;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use usage_schemas::wire::AvroRecord;
+use usage_schemas::Installation;
+
+pub use seal::{SealError, Sealer};
+
+/// One installation with its secrets opened (memory only).
+pub struct Entry {
+    pub record: Installation,
+    secret: Vec<u8>,
+    previous: Option<(Vec<u8>, i64)>,
+}
+
+// Secrets stay out of every log line.
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("install_id", &self.record.install_id)
+            .field("revision", &self.record.revision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Entry {
+    /// The secrets a signature may use at `now_ms`: the current one, and the
+    /// previous one while its rotation overlap lasts.
+    pub fn secrets(&self, now_ms: i64) -> Vec<&[u8]> {
+        let mut out = vec![self.secret.as_slice()];
+        if let Some((previous, until)) = &self.previous {
+            if now_ms <= *until {
+                out.push(previous.as_slice());
+            }
+        }
+        out
+    }
+
+    pub fn has_secret(&self, secret: &[u8]) -> bool {
+        self.secret == secret
+    }
+
+    pub fn v2_only(&self) -> bool {
+        self.record.signature_policy == "v2_only"
+    }
+}
+
+pub struct Registry {
+    sealer: Sealer,
+    map: RwLock<HashMap<String, Arc<Entry>>>,
+    caught_up: AtomicBool,
+}
+
+impl Registry {
+    pub fn new(sealer: Sealer) -> Self {
+        Self {
+            sealer,
+            map: RwLock::new(HashMap::new()),
+            caught_up: AtomicBool::new(false),
+        }
+    }
+
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    pub fn get(&self, install_id: &str) -> Option<Arc<Entry>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(install_id)
+            .cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies a record unless a newer revision is already known (records can
+    /// arrive twice: once from our own write, once from the topic).
+    pub fn apply(&self, record: Installation) -> Result<(), SealError> {
+        let secret = self
+            .sealer
+            .open(&record.install_id, &record.secret_sealed)?;
+        let previous = match (
+            &record.previous_secret_sealed,
+            record.previous_secret_valid_until,
+        ) {
+            (Some(sealed), Some(until)) => {
+                Some((self.sealer.open(&record.install_id, sealed)?, until))
+            }
+            _ => None,
+        };
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&record.install_id)
+            .is_some_and(|e| e.record.revision >= record.revision)
+        {
+            return Ok(());
+        }
+        map.insert(
+            record.install_id.clone(),
+            Arc::new(Entry {
+                record,
+                secret,
+                previous,
+            }),
+        );
+        Ok(())
+    }
+
+    pub fn remove(&self, install_id: &str) {
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(install_id);
+    }
+
+    /// Applies one message of the installations topic.
+    pub fn apply_message(&self, key: Option<&[u8]>, payload: Option<&[u8]>) {
+        match payload {
+            None => {
+                if let Some(id) = key.and_then(|k| std::str::from_utf8(k).ok()) {
+                    self.remove(id);
+                }
+            }
+            Some(bytes) => match Installation::from_wire(bytes) {
+                Ok(record) => {
+                    let id = record.install_id.clone();
+                    if let Err(err) = self.apply(record) {
+                        tracing::error!(install_id = %id, %err, "cannot open installation secret: is USAGE_REGISTRY_KEY the key that sealed it?");
+                    }
+                }
+                Err(err) => tracing::error!(%err, "undecodable installation record skipped"),
+            },
+        }
+    }
+
+    pub fn set_caught_up(&self) {
+        if !self.caught_up.swap(true, Ordering::SeqCst) {
+            tracing::info!(
+                installations = self.len(),
+                "installation registry caught up"
+            );
+        }
+    }
+
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,171 @@
+//! The events-topic consumer: batches bounded by size and time, written by
+//! `rollup::flush`, offsets committed only once ClickHouse has everything.
+//!
+//! While ClickHouse is down the loop stops consuming and retries the same
+//! batch with backoff (up to 5 s between tries), then resumes; nothing is
+//! committed until it succeeds, so nothing is lost, and the rollup mechanism
+//! makes the retry count nothing twice. A message that does not decode is
+//! logged with its partition and offset, counted, and skipped (a poison
+//! message must not stop billing for everyone).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::watch;
+use usage_schemas::wire::AvroRecord;
+use usage_schemas::UsageEvent;
+
+use crate::metrics::ProcessorMetrics;
+use crate::pricing::PriceTable;
+use crate::rollup;
+
+#[derive(Debug, Clone)]
+pub struct BatchLimits {
+    pub max_events: usize,
+    pub max_wait: Duration,
+}
+
+/// Test-only fault injection: abort the process right after the N-th flush
+/// reached ClickHouse and before its offsets are committed, to prove the
+/// redelivered batch counts nothing twice. Never set in production.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CrashAfterFlush(pub Option<u64>);
+
+pub struct EventsConsumer {
+    pub consumer: StreamConsumer,
+    pub topic: String,
+    pub clickhouse: clickhouse::Client,
+    pub prices: Arc<RwLock<PriceTable>>,
+    pub limits: BatchLimits,
+    pub metrics: ProcessorMetrics,
+    pub crash_after_flush: CrashAfterFlush,
+}
+
+impl EventsConsumer {
+    /// Consumes until `shutdown` turns true; the batch in hand is finished first.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut flushes = 0u64;
+        loop {
+            let Some((events, offsets)) = self.collect(&mut shutdown).await else {
+                return;
+            };
+            if !self.write(&events, &mut shutdown).await {
+                return;
+            }
+            flushes += 1;
+            if self.crash_after_flush.0 == Some(flushes) {
+                tracing::error!(
+                    "crash-after-flush fault injection: aborting before the offset commit"
+                );
+                std::process::abort();
+            }
+            self.commit(&offsets);
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// The next batch: up to `max_events`, or what arrived within `max_wait`
+    /// of its first message. `None` on shutdown with nothing in hand.
+    async fn collect(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<(Vec<UsageEvent>, BTreeMap<i32, i64>)> {
+        let mut events = Vec::new();
+        let mut offsets = BTreeMap::new();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    return if offsets.is_empty() { None } else { Some((events, offsets)) };
+                }
+                _ = timer => return Some((events, offsets)),
+                received = self.consumer.recv() => {
+                    let msg = match received {
+                        Ok(msg) => msg,
+                        Err(err) => {
+                            tracing::warn!(%err, "Kafka consumer error");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    };
+                    offsets.insert(msg.partition(), msg.offset());
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.limits.max_wait);
+                    match msg.payload().map(UsageEvent::from_wire) {
+                        Some(Ok(event)) => events.push(event),
+                        Some(Err(err)) => {
+                            self.metrics.undecodable.inc();
+                            tracing::error!(partition = msg.partition(), offset = msg.offset(), %err, "undecodable event skipped");
+                        }
+                        None => {}
+                    }
+                    self.metrics.consumed.inc();
+                    if events.len() >= self.limits.max_events {
+                        return Some((events, offsets));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the batch, retrying with backoff until it succeeds. Returns
+    /// false if shutdown came first (the batch stays uncommitted).
+    async fn write(&self, events: &[UsageEvent], shutdown: &mut watch::Receiver<bool>) -> bool {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let prices = self
+                .prices
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let timer = self.metrics.flush_seconds.start_timer();
+            match rollup::flush(&self.clickhouse, events, &prices).await {
+                Ok(report) => {
+                    timer.observe_duration();
+                    self.metrics.inserted.inc_by(report.inserted as u64);
+                    self.metrics.duplicates.inc_by(report.already_stored as u64);
+                    tracing::debug!(?report, "batch written");
+                    return true;
+                }
+                Err(err) => {
+                    timer.stop_and_discard();
+                    self.metrics.flush_errors.inc();
+                    tracing::warn!(%err, retry_in = ?delay, events = events.len(), "ClickHouse write failed; retrying the same batch");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return false,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn commit(&self, offsets: &BTreeMap<i32, i64>) {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in offsets {
+            if let Err(err) =
+                tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(offset + 1))
+            {
+                tracing::warn!(%err, "cannot build offset list");
+                return;
+            }
+        }
+        // A failed commit (e.g. the partition moved to another instance in a
+        // rebalance) only means the batch is read again: harmless by design.
+        if let Err(err) = self.consumer.commit(&tpl, CommitMode::Sync) {
+            self.metrics.commit_errors.inc();
+            tracing::warn!(%err, "offset commit failed; the batch will be re-read and recomputed");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Keeps `installation_metadata` in ClickHouse from the installations topic:
+//! every field of the registry record but the secrets. ReplacingMergeTree by
+//! revision makes re-reading the topic harmless.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clickhouse::Row;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::Message;
+use serde::Serialize;
+use tokio::sync::watch;
+use usage_schemas::wire::AvroRecord;
+use usage_schemas::Installation;
+
+#[derive(Debug, Row, Serialize)]
+struct MetadataRow {
+    install_id: String,
+    account_id: String,
+    plan: String,
+    site_hash: String,
+    wp_site_id: Option<u64>,
+    is_multisite: bool,
+    plugin_version: String,
+    wordpress_version: String,
+    php_version: String,
+    signature_policy: String,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
+    registered_at: DateTime<Utc>,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
+    updated_at: DateTime<Utc>,
+    revision: u64,
+}
+
+impl From<&Installation> for MetadataRow {
+    fn from(r: &Installation) -> Self {
+        let ts = |ms| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+        Self {
+            install_id: r.install_id.clone(),
+            account_id: r.account_id.clone(),
+            plan: r.plan.clone(),
+            site_hash: r.site_hash.clone(),
+            wp_site_id: r.wp_site_id.and_then(|s| u64::try_from(s).ok()),
+            is_multisite: r.is_multisite,
+            plugin_version: r.plugin_version.clone().unwrap_or_default(),
+            wordpress_version: r.wordpress_version.clone().unwrap_or_default(),
+            php_version: r.php_version.clone().unwrap_or_default(),
+            signature_policy: r.signature_policy.clone(),
+            registered_at: ts(r.registered_at),
+            updated_at: ts(r.updated_at),
+            revision: u64::try_from(r.revision).unwrap_or_default(),
+        }
+    }
+}
+
+async fn write(
+    client: &clickhouse::Client,
+    rows: &[MetadataRow],
+) -> Result<(), clickhouse::error::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client
+        .insert::<MetadataRow>("installation_metadata")
+        .await?;
+    for row in rows {
+        insert.write(row).await?;
+    }
+    insert.end().await
+}
+
+/// Follows the topic in its own consumer group until shutdown.
+pub async fn run(
+    consumer: StreamConsumer,
+    client: clickhouse::Client,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.changed() => return,
+            m = consumer.recv() => m,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::warn!(%err, "installations consumer error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let rows: Vec<MetadataRow> = match msg.payload().map(Installation::from_wire) {
+            Some(Ok(record)) => vec![MetadataRow::from(&record)],
+            Some(Err(err)) => {
+                tracing::error!(offset = msg.offset(), %err, "undecodable installation record skipped");
+                vec![]
+            }
+            // Tombstones (erasure) are handled by the erasure flow.
+            None => vec![],
+        };
+        let mut delay = Duration::from_millis(100);
+        while let Err(err) = write(&client, &rows).await {
+            tracing::warn!(%err, "installation_metadata write failed; retrying");
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        if let Err(err) = consumer.commit_message(&msg, CommitMode::Async) {
+            tracing::warn!(%err, "installations offset commit failed");
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The processors' Prometheus metrics.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter};
+use usage_service_kit::Metrics;
+
+#[derive(Clone)]
+pub struct ProcessorMetrics {
+    pub consumed: IntCounter,
+    pub inserted: IntCounter,
+    pub duplicates: IntCounter,
+    pub undecodable: IntCounter,
+    pub flush_errors: IntCounter,
+    pub commit_errors: IntCounter,
+    pub flush_seconds: Histogram,
+}
+
+fn counter(metrics: &Metrics, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("static metric definition");
+    metrics.register(Box::new(c.clone()));
+    c
+}
+
+impl ProcessorMetrics {
+    pub fn register(metrics: &Metrics) -> Self {
+        let flush_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "processor_flush_seconds",
+                "time to write one batch and recompute its rollups",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(flush_seconds.clone()));
+        Self {
+            consumed: counter(
+                metrics,
+                "processor_messages_consumed_total",
+                "messages read from the events topic",
+            ),
+            inserted: counter(
+                metrics,
+                "processor_events_inserted_total",
+                "new raw events written to ClickHouse",
+            ),
+            duplicates: counter(
+                metrics,
+                "processor_events_duplicate_total",
+                "events already stored (retries, redelivery, replay)",
+            ),
+            undecodable: counter(
+                metrics,
+                "processor_messages_undecodable_total",
+                "messages skipped because they do not decode",
+            ),
+            flush_errors: counter(
+                metrics,
+                "processor_flush_errors_total",
+                "failed ClickHouse writes (retried)",
+            ),
+            commit_errors: counter(
+                metrics,
+                "processor_commit_errors_total",
+                "failed offset commits (batch re-read)",
+            ),
+            flush_seconds,
+        }
+    }
+}

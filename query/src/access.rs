@@ -1,0 +1,76 @@
+//! Who may read which installation's usage (the contract's "who may see what").
+//!
+//! - `provider_admin`: every installation;
+//! - `account` and `network_admin`: the installations of their account;
+//! - `site_admin`: the installations listed in the token's `install_ids`;
+//! - `user`: the same, and only rows with the token's own `user_hash`.
+
+use clickhouse::Client;
+use usage_service_kit::auth::{Claims, Role};
+
+use crate::error::QueryError;
+
+/// What a request may read after the access check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// `None`: every installation (provider admins only).
+    pub install_id: Option<String>,
+    /// Restricts rows to one user hash.
+    pub user_hash: Option<String>,
+}
+
+async fn account_of(client: &Client, install_id: &str) -> Result<Option<String>, QueryError> {
+    let accounts: Vec<String> = client
+        .query("SELECT account_id FROM installation_metadata FINAL WHERE install_id = ?")
+        .bind(install_id)
+        .fetch_all()
+        .await?;
+    Ok(accounts.into_iter().next())
+}
+
+pub async fn scope(
+    client: &Client,
+    claims: &Claims,
+    install_id: Option<&str>,
+) -> Result<Scope, QueryError> {
+    if claims.is_admin() {
+        return Ok(Scope {
+            install_id: install_id.map(str::to_string),
+            user_hash: None,
+        });
+    }
+    let install_id =
+        install_id.ok_or_else(|| QueryError::BadRequest("install_id is required".into()))?;
+    let denied = || QueryError::Forbidden(format!("installation {install_id}"));
+    match claims.role {
+        Role::Account | Role::NetworkAdmin => {
+            if account_of(client, install_id).await?.as_deref() != claims.account_id.as_deref() {
+                return Err(denied());
+            }
+        }
+        Role::SiteAdmin | Role::User => {
+            let listed = claims
+                .install_ids
+                .as_ref()
+                .is_some_and(|ids| ids.iter().any(|i| i == install_id));
+            if !listed {
+                return Err(denied());
+            }
+        }
+        Role::ProviderAdmin => {}
+    }
+    let user_hash = if claims.role == Role::User {
+        Some(
+            claims
+                .user_hash
+                .clone()
+                .ok_or_else(|| QueryError::Forbidden("usage without a user_hash claim".into()))?,
+        )
+    } else {
+        None
+    };
+    Ok(Scope {
+        install_id: Some(install_id.to_string()),
+        user_hash,
+    })
+}

@@ -1,0 +1,311 @@
+//! A whole pipeline for one test: its own topics and database, a gateway, a
+//! processor and a query API in this process, against the real engines.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use usage_ingest::signature::{sign_legacy, sign_v2};
+use usage_service_kit::auth::{Claims, JwtVerifier, Role, DEV_SECRET};
+use usage_service_kit::clickhouse::ClickHouseArgs;
+use usage_service_kit::kafka::KafkaArgs;
+use usage_service_kit::service::Service;
+use usage_service_kit::telemetry::LogArgs;
+
+use crate::{drop_database, eventually, http, kafka_args, require_kafka};
+
+pub fn quiet_log() -> LogArgs {
+    LogArgs {
+        filter: std::env::var("USAGE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        log_format: usage_service_kit::telemetry::LogFormat::Text,
+    }
+}
+
+pub fn ingest_config(kafka: &KafkaArgs) -> usage_ingest::Config {
+    let mut c = <usage_ingest::Config as clap::Parser>::parse_from(["usage-ingest"]);
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.instance = "test-gateway".into();
+    c.kafka = kafka.clone();
+    c.log = quiet_log();
+    c
+}
+
+pub fn processors_config(
+    kafka: &KafkaArgs,
+    clickhouse: &ClickHouseArgs,
+    group: &str,
+) -> usage_processors::Config {
+    let mut c = <usage_processors::Config as clap::Parser>::parse_from(["usage-processors"]);
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.group = group.into();
+    c.kafka = kafka.clone();
+    c.clickhouse = clickhouse.clone();
+    c.batch_wait_ms = 50;
+    c.session_timeout_ms = 6000;
+    c.log = quiet_log();
+    c
+}
+
+pub fn query_config(clickhouse: &ClickHouseArgs) -> usage_query::Config {
+    let mut c = <usage_query::Config as clap::Parser>::parse_from(["usage-query"]);
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.clickhouse = clickhouse.clone();
+    c.log = quiet_log();
+    c
+}
+
+/// A token signed with the services' (development default) JWT secret.
+pub fn token(role: Role, account: Option<&str>) -> String {
+    JwtVerifier::new(DEV_SECRET.as_bytes()).sign(&Claims {
+        sub: "test".into(),
+        role,
+        account_id: account.map(str::to_string),
+        install_ids: None,
+        user_hash: None,
+        exp: chrono::Utc::now().timestamp() + 3600,
+        nbf: None,
+        iat: None,
+    })
+}
+
+pub fn admin_token() -> String {
+    token(Role::ProviderAdmin, None)
+}
+
+/// A plugin installation as the tests simulate it.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub install_id: String,
+    pub account_id: String,
+    pub secret: String,
+}
+
+impl Site {
+    pub fn new(n: u32) -> Self {
+        let uuid = uuid::Uuid::new_v4();
+        Self {
+            install_id: format!("{uuid}_{:012x}", n),
+            account_id: format!("acc_test{n}"),
+            secret: format!("plugin-secret-{uuid}"),
+        }
+    }
+
+    pub fn registration(&self, plan: &str) -> Value {
+        json!({
+            "install_id": self.install_id,
+            "account_id": self.account_id,
+            "secret": self.secret,
+            "plan": plan,
+            "site_hash": "a3b4c5d6e7f8",
+            "wp_site_id": null,
+            "plugin_version": "2.4.1",
+            "wordpress_version": "6.8.3",
+            "php_version": "8.2.12",
+            "is_multisite": false
+        })
+    }
+
+    pub fn user_hash(&self, wp_user_id: u32) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(format!(
+            "{}:{wp_user_id}:user",
+            self.install_id
+        )))
+    }
+
+    pub fn batch(&self, events: Vec<Value>) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "install_id": self.install_id,
+            "account_id": self.account_id,
+            "events": events,
+            "batch_sent_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }))
+        .unwrap()
+    }
+
+    pub fn legacy_signature(&self, ts: i64) -> String {
+        sign_legacy(self.secret.as_bytes(), &self.install_id, ts)
+    }
+
+    pub fn v2_signature(&self, ts: i64, body: &[u8]) -> String {
+        sign_v2(self.secret.as_bytes(), ts, body)
+    }
+}
+
+/// One event as the plugin writes it.
+pub fn event(
+    id: u128,
+    user_hash: &str,
+    source: &str,
+    model: &str,
+    prompt: u32,
+    completion: u32,
+    created_at: &str,
+) -> Value {
+    json!({
+        "event_id": format!("evt_{id:032x}"),
+        "wp_user_id_hash": user_hash,
+        "source": source,
+        "model": model,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "context": {"attachment_id": id as u64 % 100_000, "source_detail": "media_library"},
+        "created_at": created_at,
+        "processed_at": created_at,
+    })
+}
+
+pub struct Pipeline {
+    pub kafka: KafkaArgs,
+    pub clickhouse: ClickHouseArgs,
+    pub gateway: Option<usage_ingest::IngestService>,
+    pub processors: Option<usage_processors::Processors>,
+    pub query: usage_query::QueryApi,
+    pub ingest_addr: SocketAddr,
+    pub query_addr: SocketAddr,
+}
+
+impl Pipeline {
+    /// Everything up and ready; `with_processor: false` leaves processing to the test.
+    pub async fn start(with_processor: bool) -> Self {
+        let kafka = kafka_args();
+        require_kafka(&kafka).await;
+        let clickhouse = crate::migrated_database().await;
+        let gateway = usage_ingest::IngestService::start(ingest_config(&kafka))
+            .await
+            .unwrap();
+        let processors = if with_processor {
+            Some(
+                usage_processors::Processors::start(processors_config(
+                    &kafka,
+                    &clickhouse,
+                    &crate::unique("group"),
+                ))
+                .await
+                .unwrap(),
+            )
+        } else {
+            None
+        };
+        let query = usage_query::QueryApi::start(query_config(&clickhouse))
+            .await
+            .unwrap();
+        let ingest_addr = gateway.http.addr;
+        let query_addr = query.http.addr;
+        let p = Self {
+            kafka,
+            clickhouse,
+            gateway: Some(gateway),
+            processors,
+            query,
+            ingest_addr,
+            query_addr,
+        };
+        p.wait_ready(ingest_addr).await;
+        p.wait_ready(query_addr).await;
+        p
+    }
+
+    pub async fn wait_ready(&self, addr: SocketAddr) {
+        eventually("service ready", Duration::from_secs(30), || async move {
+            let r = http()
+                .get(format!("http://{addr}/ready"))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn register(&self, site: &Site, plan: &str) -> (u16, Value) {
+        let r = http()
+            .post(format!(
+                "http://{}/api/usage/installations",
+                self.ingest_addr
+            ))
+            .bearer_auth(token(Role::Account, Some(&site.account_id)))
+            .json(&site.registration(plan))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    /// Sends a batch signed the legacy way, as every deployed plugin does.
+    pub async fn send(&self, site: &Site, body: Vec<u8>) -> (u16, Value) {
+        let ts = chrono::Utc::now().timestamp();
+        let r = http()
+            .post(format!("http://{}/api/usage/event", self.ingest_addr))
+            .bearer_auth(token(Role::Account, Some(&site.account_id)))
+            .header("X-Install-Signature", site.legacy_signature(ts))
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn summary(&self, query: &str) -> Value {
+        let r = http()
+            .get(format!(
+                "http://{}/provider/usage/summary?{query}",
+                self.query_addr
+            ))
+            .bearer_auth(admin_token())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// Rows of `usage_events` (deduplicated) and their token sum for a site.
+    pub async fn raw_totals(&self, site: &Site) -> (u64, u64) {
+        self.clickhouse
+            .client()
+            .query("SELECT count(), sum(total_tokens) FROM usage_events FINAL WHERE install_id = ?")
+            .bind(&site.install_id)
+            .fetch_one()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the day-grouped summary of `site` has `requests` requests in all.
+    pub async fn wait_for_requests(&self, site: &Site, date_from: &str, requests: u64) -> Value {
+        let q = format!(
+            "install_id={}&date_from={date_from}&group_by=day",
+            site.install_id
+        );
+        eventually(
+            "the summary to count every event",
+            Duration::from_secs(30),
+            || {
+                let q = q.clone();
+                async move {
+                    let s = self.summary(&q).await;
+                    let n: u64 = s["data"]
+                        .as_array()?
+                        .iter()
+                        .map(|r| r["total_requests"].as_u64().unwrap_or(0))
+                        .sum();
+                    (n == requests).then_some(s)
+                }
+            },
+        )
+        .await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(p) = self.processors.take() {
+            p.stop().await;
+        }
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
+        }
+        self.query.stop().await;
+        drop_database(&self.clickhouse).await;
+    }
+}
