@@ -52,12 +52,12 @@ pub fn routes<S: RecordSink>(
     let gw = warp::any().map(move || gateway.clone());
     let body = warp::body::content_length_limit(max_body_bytes).and(warp::body::bytes());
 
-    let events = warp::post()
-        .and(
-            warp::path!("api" / "usage" / "event")
-                .or(warp::path!("usage" / "event"))
-                .unify(),
-        )
+    // Path before method, so an unknown path is 404 and a known one with the
+    // wrong method is 405.
+    let events = warp::path!("api" / "usage" / "event")
+        .or(warp::path!("usage" / "event"))
+        .unify()
+        .and(warp::post())
         .and(gw.clone())
         .and(warp::header::headers_cloned())
         .and(body)
@@ -66,8 +66,8 @@ pub fn routes<S: RecordSink>(
                 outcome(gw.post_events(headers, body).await, "event", &gw.metrics)
             },
         );
-    let register = warp::post()
-        .and(warp::path!("api" / "usage" / "installations"))
+    let register = warp::path!("api" / "usage" / "installations")
+        .and(warp::post())
         .and(gw.clone())
         .and(warp::header::headers_cloned())
         .and(body)
@@ -76,10 +76,8 @@ pub fn routes<S: RecordSink>(
                 outcome(gw.register(headers, body).await, "register", &gw.metrics)
             },
         );
-    let rotate = warp::post()
-        .and(warp::path!(
-            "api" / "usage" / "installations" / String / "rotate-secret"
-        ))
+    let rotate = warp::path!("api" / "usage" / "installations" / String / "rotate-secret")
+        .and(warp::post())
         .and(gw)
         .and(warp::header::headers_cloned())
         .and(body)
@@ -116,4 +114,61 @@ async fn rejection(r: Rejection, limit: u64) -> Result<Response, Infallible> {
         IngestError::Malformed(format!("bad request: {r:?}"))
     };
     Ok(err.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Limits;
+    use crate::registry::{Registry, Sealer};
+    use crate::sink::{Record, SinkError};
+
+    struct NoSink;
+    impl RecordSink for NoSink {
+        async fn send_all(&self, _: &str, _: Vec<Record>) -> Result<(), SinkError> {
+            Err(SinkError::Unavailable("no Kafka in unit tests".into()))
+        }
+    }
+
+    fn filter() -> BoxedFilter<(Response,)> {
+        let metrics = usage_service_kit::Metrics::new("test");
+        let gateway = Gateway {
+            registry: Arc::new(Registry::new(
+                Sealer::from_hex(crate::registry::seal::DEV_KEY_HEX).unwrap(),
+            )),
+            sink: NoSink,
+            jwt: usage_service_kit::auth::JwtVerifier::new(b"k"),
+            limits: Limits::default(),
+            signature_window_secs: 300,
+            instance: "t".into(),
+            events_topic: "e".into(),
+            installations_topic: "i".into(),
+            metrics: crate::metrics::IngestMetrics::register(&metrics),
+        };
+        routes(Arc::new(gateway), 1024)
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_404_and_wrong_methods_405() {
+        let f = filter();
+        let r = warp::test::request()
+            .method("GET")
+            .path("/nope")
+            .reply(&f)
+            .await;
+        assert_eq!(r.status(), 404, "{:?}", r.body());
+        let r = warp::test::request()
+            .method("GET")
+            .path("/api/usage/event")
+            .reply(&f)
+            .await;
+        assert_eq!(r.status(), 405);
+        let r = warp::test::request()
+            .method("POST")
+            .path("/usage/event")
+            .body(vec![b'x'; 2048])
+            .reply(&f)
+            .await;
+        assert_eq!(r.status(), 413);
+    }
 }

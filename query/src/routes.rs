@@ -49,8 +49,8 @@ fn respond(result: Result<Response, QueryError>) -> Response {
 
 pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     let api = warp::any().map(move || api.clone());
-    let summary = warp::get()
-        .and(warp::path!("provider" / "usage" / "summary"))
+    let summary = warp::path!("provider" / "usage" / "summary")
+        .and(warp::get())
         .and(api)
         .and(warp::header::headers_cloned())
         .and(warp::query::<HashMap<String, String>>())
