@@ -78,6 +78,7 @@ impl EventsConsumer {
         let mut events = Vec::new();
         let mut offsets = BTreeMap::new();
         let mut deadline: Option<tokio::time::Instant> = None;
+        let mut assignment_check = tokio::time::interval(Duration::from_millis(500));
         loop {
             let timer = async {
                 match deadline {
@@ -90,6 +91,11 @@ impl EventsConsumer {
                     return if offsets.is_empty() { None } else { Some((events, offsets)) };
                 }
                 _ = timer => return Some((events, offsets)),
+                _ = assignment_check.tick() => {
+                    if let Ok(assigned) = self.consumer.assignment() {
+                        self.metrics.assigned_partitions.set(assigned.count() as i64);
+                    }
+                }
                 received = self.consumer.recv() => {
                     let msg = match received {
                         Ok(msg) => msg,

@@ -1,6 +1,6 @@
 //! The processors' Prometheus metrics.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
 use usage_service_kit::Metrics;
 
 #[derive(Clone)]
@@ -12,6 +12,8 @@ pub struct ProcessorMetrics {
     pub flush_errors: IntCounter,
     pub commit_errors: IntCounter,
     pub flush_seconds: Histogram,
+    /// Partitions of the events topic this instance owns right now.
+    pub assigned_partitions: IntGauge,
 }
 
 fn counter(metrics: &Metrics, name: &str, help: &str) -> IntCounter {
@@ -33,6 +35,12 @@ impl ProcessorMetrics {
         )
         .expect("static metric definition");
         metrics.register(Box::new(flush_seconds.clone()));
+        let assigned_partitions = IntGauge::new(
+            "processor_assigned_partitions",
+            "events-topic partitions owned by this instance",
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(assigned_partitions.clone()));
         Self {
             consumed: counter(
                 metrics,
@@ -65,6 +73,7 @@ impl ProcessorMetrics {
                 "failed offset commits (batch re-read)",
             ),
             flush_seconds,
+            assigned_partitions,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! local stack.
 
 pub mod pipeline;
+pub mod processes;
 
 use std::time::Duration;
 

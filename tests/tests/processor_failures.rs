@@ -1,0 +1,218 @@
+//! The processors under real failures: killed between the ClickHouse write
+//! and the offset commit, killed at random mid-stream, and one of two
+//! instances killed while the survivor takes over. Every number stays exact.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use usage_e2e::pipeline::{event, Pipeline, Site};
+use usage_e2e::processes::ProcessorProcess;
+use usage_e2e::{eventually, unique};
+
+const BIN: &str = env!("CARGO_BIN_EXE_e2e-processors");
+
+fn created(minutes_ago: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::minutes(minutes_ago))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// `batches` batches of `per_batch` events for `site`; event ids unique per
+/// site via `seed`. Returns (events, tokens).
+async fn send_batches(
+    p: &Pipeline,
+    site: &Site,
+    seed: u128,
+    batches: u128,
+    per_batch: u128,
+) -> (u64, u64) {
+    let mut tokens = 0u64;
+    for b in 0..batches {
+        let events: Vec<Value> = (0..per_batch)
+            .map(|i| {
+                let n = seed * 1_000_000 + b * 1000 + i;
+                let prompt = 100 + (n % 97) as u32;
+                tokens += u64::from(prompt + 20);
+                event(
+                    n,
+                    &site.user_hash((n % 5) as u32),
+                    ["inline", "bulk", "queue", "manual"][(n % 4) as usize],
+                    "gpt-4o-mini",
+                    prompt,
+                    20,
+                    &created((n % 600) as i64),
+                )
+            })
+            .collect();
+        let (status, body) = p.send(site, site.batch(events)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    ((batches * per_batch) as u64, tokens)
+}
+
+/// Requests and tokens in the summary (by day) and in the raw table.
+async fn totals(p: &Pipeline, site: &Site) -> ((u64, u64), (u64, u64)) {
+    let from = (chrono::Utc::now() - chrono::Duration::days(2)).date_naive();
+    let s = p
+        .summary(&format!(
+            "install_id={}&date_from={from}&group_by=day",
+            site.install_id
+        ))
+        .await;
+    let rows = s["data"].as_array().unwrap();
+    let sum = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+    (
+        (sum("total_requests"), sum("total_tokens")),
+        p.raw_totals(site).await,
+    )
+}
+
+async fn wait_exact(p: &Pipeline, site: &Site, expected: (u64, u64)) {
+    eventually(
+        "exact totals in summary and raw table",
+        Duration::from_secs(60),
+        || async {
+            let (summary, raw) = totals(p, site).await;
+            (summary == expected && raw == expected).then_some(())
+        },
+    )
+    .await;
+    // And they stay exact (nothing late adds to them).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(totals(p, site).await, (expected, expected));
+}
+
+#[tokio::test]
+async fn killed_between_clickhouse_write_and_offset_commit_counts_nothing_twice() {
+    let p = Pipeline::start(false).await;
+    let site = Site::new(1);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    let expected = send_batches(&p, &site, 1, 10, 50).await;
+    let group = unique("group");
+
+    // The first instance writes its first batch of 100 events, then aborts
+    // before committing the offsets.
+    let mut crashing = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "100", "--crash-after-flush", "1"],
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), crashing.child.wait())
+        .await
+        .expect("the fault injection fires")
+        .unwrap();
+    assert!(!status.success(), "it aborted: {status:?}");
+    let (stored, _) = p.raw_totals(&site).await;
+    assert!(
+        stored >= 100,
+        "the batch reached ClickHouse before the crash ({stored})"
+    );
+
+    // The replacement re-reads that batch (uncommitted) and everything after.
+    let replacement = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    wait_exact(&p, &site, expected).await;
+    replacement.kill().await;
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn killed_mid_stream_and_restarted_keeps_every_number_exact() {
+    let p = Pipeline::start(false).await;
+    let site = Site::new(2);
+    assert_eq!(p.register(&site, "pro").await.0, 201);
+    let group = unique("group");
+
+    let first = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "40"],
+    );
+    let a = send_batches(&p, &site, 1, 8, 25).await;
+    // Kill it as soon as it is busy with the stream.
+    eventually(
+        "the processor to consume",
+        Duration::from_secs(30),
+        || async { (first.consumed().await > 0).then_some(()) },
+    )
+    .await;
+    first.kill().await;
+    let b = send_batches(&p, &site, 2, 8, 25).await;
+    let second = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "40"],
+    );
+    wait_exact(&p, &site, (a.0 + b.0, a.1 + b.1)).await;
+    second.kill().await;
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn two_instances_share_the_partitions_and_the_survivor_takes_over() {
+    let p = Pipeline::start(false).await;
+    // 16 keys over 4 partitions: both instances get traffic (all on one side: p < 1e-4).
+    let sites: Vec<Site> = (10..26).map(Site::new).collect();
+    for s in &sites {
+        assert_eq!(p.register(s, "pro").await.0, 201);
+    }
+    let group = unique("group");
+    let one = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "20"],
+    );
+    let two = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "20"],
+    );
+    // The group settles: the 4 partitions split between the two instances.
+    eventually(
+        "both instances to own partitions",
+        Duration::from_secs(60),
+        || async {
+            let (a, b) = (one.partitions().await, two.partitions().await);
+            (a > 0 && b > 0 && a + b == 4).then_some(())
+        },
+    )
+    .await;
+
+    let mut expected = vec![(0u64, 0u64); sites.len()];
+    for round in 0..3u128 {
+        for (i, s) in sites.iter().enumerate() {
+            let (n, t) = send_batches(&p, s, 10 + round, 1, 10).await;
+            expected[i].0 += n;
+            expected[i].1 += t;
+        }
+    }
+    // Both consumed their share.
+    eventually(
+        "both instances to consume",
+        Duration::from_secs(30),
+        || async { (one.consumed().await > 0 && two.consumed().await > 0).then_some(()) },
+    )
+    .await;
+
+    one.kill().await;
+    for round in 3..6u128 {
+        for (i, s) in sites.iter().enumerate() {
+            let (n, t) = send_batches(&p, s, 10 + round, 1, 10).await;
+            expected[i].0 += n;
+            expected[i].1 += t;
+        }
+    }
+    for (s, e) in sites.iter().zip(&expected) {
+        wait_exact(&p, s, *e).await;
+    }
+    two.kill().await;
+    p.stop().await;
+}
