@@ -1,0 +1,512 @@
+//! Load generator and benchmark for the metering pipeline.
+//!
+//! Simulates N plugin installations: registers them, then sends signed
+//! batches (1..=50 events, like the plugin's bulk/queue sync) from C
+//! concurrent connections for a fixed time, with a share of duplicate resends
+//! (the plugin's retries) and of late events (created hours to days ago). It
+//! keeps its own ground truth (every distinct event accepted, per
+//! installation) and, at the end, checks the summary API against it.
+//!
+//! Reports, in one run:
+//! - gateway events/s at saturation, p50/p99 batch latency;
+//! - end-to-end freshness (HTTP 200 -> visible in the summary) p50/p99,
+//!   measured with single-event probes after the load;
+//! - processor events/s into ClickHouse while draining the load;
+//! - peak RSS (VmHWM) of every process whose pid file is in --pid-dir;
+//! - the ceiling: a bare rdkafka producer (same producer settings) sending
+//!   the same Avro bytes to a scratch topic.
+
+mod report;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde_json::{json, Value};
+use usage_ingest::signature::sign_legacy;
+use usage_service_kit::auth::{Claims, JwtVerifier, Role, DEV_SECRET};
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "usage-loadgen", version)]
+struct Args {
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    ingest: String,
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    query: String,
+    #[arg(long, default_value = "http://127.0.0.1:8082")]
+    processors: String,
+    #[arg(long, env = "USAGE_JWT_SECRET", default_value = DEV_SECRET, hide_env_values = true)]
+    jwt_secret: String,
+    /// Simulated installations.
+    #[arg(long, default_value_t = 200)]
+    installations: usize,
+    /// Concurrent HTTP connections sending batches.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    #[arg(long, default_value_t = 1)]
+    batch_min: usize,
+    #[arg(long, default_value_t = 50)]
+    batch_max: usize,
+    /// Share of batches that are resends of an earlier batch (plugin retries).
+    #[arg(long, default_value_t = 0.05)]
+    duplicate_share: f64,
+    /// Share of events created 1 hour to 3 days before now.
+    #[arg(long, default_value_t = 0.05)]
+    late_share: f64,
+    /// Freshness probes (single-event batches) after the load.
+    #[arg(long, default_value_t = 40)]
+    freshness_probes: usize,
+    /// Folder of `<component>.pid` files (./stack's .data/run) for peak RSS.
+    #[arg(long)]
+    pid_dir: Option<std::path::PathBuf>,
+    /// Also measure a bare rdkafka producer on this broker (the ceiling).
+    #[arg(long)]
+    bare_kafka: Option<String>,
+}
+
+/// A simulated installation and its ground truth.
+struct Site {
+    install_id: String,
+    account_id: String,
+    secret: String,
+    token: String,
+    users: Vec<String>,
+    truth: Mutex<Truth>,
+}
+
+#[derive(Default)]
+struct Truth {
+    events: HashSet<String>,
+    tokens: u64,
+    sent_bodies: Vec<Vec<u8>>,
+}
+
+struct Counters {
+    events_sent: AtomicU64,
+    events_acked: AtomicU64,
+    batches_ok: AtomicU64,
+    batches_failed: AtomicU64,
+    latencies_us: Mutex<Vec<u64>>,
+}
+
+fn token(verifier: &JwtVerifier, role: Role, account: Option<&str>) -> String {
+    verifier.sign(&Claims {
+        sub: "loadgen".into(),
+        role,
+        account_id: account.map(str::to_string),
+        install_ids: None,
+        user_hash: None,
+        exp: chrono::Utc::now().timestamp() + 24 * 3600,
+        nbf: None,
+        iat: None,
+    })
+}
+
+/// A small xorshift generator: deterministic per worker, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() % 1_000_000) as f64 / 1_000_000.0 < p
+    }
+}
+
+fn new_site(verifier: &JwtVerifier, n: usize) -> Site {
+    let uuid = uuid::Uuid::new_v4();
+    let install_id = format!("{uuid}_{:012x}", n);
+    let account_id = format!("acc_load{}", n % 20);
+    let users = (0..5)
+        .map(|u| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(format!("{install_id}:{u}:user")))
+        })
+        .collect();
+    Site {
+        token: token(verifier, Role::Account, Some(&account_id)),
+        install_id,
+        account_id,
+        secret: format!("loadgen-secret-{uuid}"),
+        users,
+        truth: Mutex::default(),
+    }
+}
+
+fn batch(
+    site: &Site,
+    rng: &mut Rng,
+    size: usize,
+    late_share: f64,
+) -> (Vec<u8>, Vec<(String, u64)>) {
+    let now = chrono::Utc::now();
+    let mut events = Vec::with_capacity(size);
+    let mut truth = Vec::with_capacity(size);
+    for _ in 0..size {
+        let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
+        let prompt = 50 + rng.below(2000);
+        let completion = 10 + rng.below(300);
+        let age = if rng.chance(late_share) {
+            chrono::Duration::minutes(60 + rng.below(3 * 24 * 60) as i64)
+        } else {
+            chrono::Duration::seconds(rng.below(60) as i64)
+        };
+        let source = ["inline", "bulk", "queue", "manual"][rng.below(4) as usize];
+        let model = ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o", "gpt-4-turbo"][rng.below(4) as usize];
+        events.push(json!({
+            "event_id": id,
+            "wp_user_id_hash": site.users[rng.below(site.users.len() as u64) as usize],
+            "source": source,
+            "model": model,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "context": {"attachment_id": rng.below(100_000), "source_detail": "media_library"},
+            "created_at": (now - age).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }));
+        truth.push((id, prompt + completion));
+    }
+    let body = serde_json::to_vec(&json!({
+        "install_id": site.install_id,
+        "account_id": site.account_id,
+        "events": events,
+        "batch_sent_at": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    }))
+    .unwrap_or_default();
+    (body, truth)
+}
+
+async fn post(
+    client: &reqwest::Client,
+    args: &Args,
+    site: &Site,
+    body: Vec<u8>,
+) -> anyhow::Result<u16> {
+    let ts = chrono::Utc::now().timestamp();
+    let r = client
+        .post(format!("{}/api/usage/event", args.ingest))
+        .bearer_auth(&site.token)
+        .header(
+            "X-Install-Signature",
+            sign_legacy(site.secret.as_bytes(), &site.install_id, ts),
+        )
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let _ = r.bytes().await?;
+    Ok(status)
+}
+
+async fn register(client: &reqwest::Client, args: &Args, site: &Site) -> anyhow::Result<()> {
+    let r = client
+        .post(format!("{}/api/usage/installations", args.ingest))
+        .bearer_auth(&site.token)
+        .json(&json!({
+            "install_id": site.install_id, "account_id": site.account_id, "secret": site.secret,
+            "plan": "agency", "site_hash": "a3b4c5d6e7f8", "is_multisite": false
+        }))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!(
+            "registration failed: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn worker(
+    id: usize,
+    client: reqwest::Client,
+    args: Arc<Args>,
+    sites: Arc<Vec<Site>>,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let mut latencies = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let site = &sites[rng.below(sites.len() as u64) as usize];
+        let resend = rng.chance(args.duplicate_share);
+        let previous = if resend {
+            let t = site.truth.lock().unwrap_or_else(|p| p.into_inner());
+            t.sent_bodies.last().cloned()
+        } else {
+            None
+        };
+        let (body, truth) = match previous {
+            Some(b) => (b, Vec::new()),
+            None => {
+                let size = args.batch_min
+                    + rng.below((args.batch_max - args.batch_min + 1) as u64) as usize;
+                batch(site, &mut rng, size, args.late_share)
+            }
+        };
+        let events = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["events"].as_array().map(Vec::len))
+            .unwrap_or(0) as u64;
+        let started = Instant::now();
+        let result = post(&client, &args, site, body.clone()).await;
+        latencies.push(started.elapsed().as_micros() as u64);
+        counters.events_sent.fetch_add(events, Ordering::Relaxed);
+        match result {
+            Ok(200) => {
+                counters.batches_ok.fetch_add(1, Ordering::Relaxed);
+                counters.events_acked.fetch_add(events, Ordering::Relaxed);
+                if !truth.is_empty() {
+                    let mut t = site.truth.lock().unwrap_or_else(|p| p.into_inner());
+                    for (id, tokens) in truth {
+                        if t.events.insert(id) {
+                            t.tokens += tokens;
+                        }
+                    }
+                    t.sent_bodies.push(body);
+                    if t.sent_bodies.len() > 4 {
+                        t.sent_bodies.remove(0);
+                    }
+                }
+            }
+            _ => {
+                counters.batches_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    counters
+        .latencies_us
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(latencies);
+}
+
+async fn summary_totals(
+    client: &reqwest::Client,
+    args: &Args,
+    admin: &str,
+    install_id: &str,
+) -> Option<(u64, u64)> {
+    let from = (chrono::Utc::now() - chrono::Duration::days(4)).date_naive();
+    let r = client
+        .get(format!(
+            "{}/provider/usage/summary?install_id={install_id}&date_from={from}&group_by=source",
+            args.query
+        ))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .ok()?;
+    let v: Value = r.json().await.ok()?;
+    let rows = v["data"].as_array()?;
+    Some((
+        rows.iter()
+            .filter_map(|r| r["total_requests"].as_u64())
+            .sum(),
+        rows.iter().filter_map(|r| r["total_tokens"].as_u64()).sum(),
+    ))
+}
+
+async fn processor_inserted(client: &reqwest::Client, args: &Args) -> u64 {
+    let Ok(r) = client
+        .get(format!("{}/metrics", args.processors))
+        .send()
+        .await
+    else {
+        return 0;
+    };
+    r.text()
+        .await
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("usage_processor_events_inserted_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    let verifier = JwtVerifier::new(args.jwt_secret.as_bytes());
+    let admin = token(&verifier, Role::ProviderAdmin, None);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+
+    println!("registering {} installations ...", args.installations);
+    let sites: Arc<Vec<Site>> = Arc::new(
+        (0..args.installations)
+            .map(|n| new_site(&verifier, n))
+            .collect(),
+    );
+    for site in sites.iter() {
+        register(&client, &args, site).await.context("register")?;
+    }
+    // Every gateway must know them; one gateway here, which applied its own writes.
+
+    let inserted_before = processor_inserted(&client, &args).await;
+    let counters = Arc::new(Counters {
+        events_sent: AtomicU64::new(0),
+        events_acked: AtomicU64::new(0),
+        batches_ok: AtomicU64::new(0),
+        batches_failed: AtomicU64::new(0),
+        latencies_us: Mutex::new(Vec::new()),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    println!(
+        "load: {} connections for {} s, batches of {}..={} events, {:.0}% resends, {:.0}% late events",
+        args.concurrency, args.duration, args.batch_min, args.batch_max,
+        args.duplicate_share * 100.0, args.late_share * 100.0
+    );
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|i| {
+            tokio::spawn(worker(
+                i,
+                client.clone(),
+                args.clone(),
+                sites.clone(),
+                counters.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let mut last = 0;
+    for s in 1..=args.duration {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let acked = counters.events_acked.load(Ordering::Relaxed);
+        println!("  {s:>3} s  {:>8} events/s accepted", acked - last);
+        last = acked;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let load_secs = started.elapsed().as_secs_f64();
+
+    // Drain: wait until the processors have every distinct event.
+    let distinct: u64 = sites
+        .iter()
+        .map(|s| {
+            s.truth
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .events
+                .len() as u64
+        })
+        .sum();
+    let drain_start = Instant::now();
+    let mut drained_at = None;
+    while drain_start.elapsed() < Duration::from_secs(300) {
+        let inserted = processor_inserted(&client, &args).await - inserted_before;
+        if inserted >= distinct {
+            drained_at = Some(started.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Ground truth vs the summary API, per installation.
+    let mut mismatches = Vec::new();
+    for site in sites.iter() {
+        let (events, tokens) = {
+            let t = site.truth.lock().unwrap_or_else(|p| p.into_inner());
+            (t.events.len() as u64, t.tokens)
+        };
+        let mut got = None;
+        for _ in 0..100 {
+            got = summary_totals(&client, &args, &admin, &site.install_id).await;
+            if got == Some((events, tokens)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if got != Some((events, tokens)) {
+            mismatches.push((site.install_id.clone(), (events, tokens), got));
+        }
+    }
+
+    // Freshness: single-event batches on an idle pipeline.
+    let probe = new_site(&verifier, 999_999);
+    register(&client, &args, &probe).await?;
+    let mut freshness = Vec::new();
+    let mut rng = Rng(42);
+    let mut expected = 0u64;
+    for _ in 0..args.freshness_probes {
+        let (body, _) = batch(&probe, &mut rng, 1, 0.0);
+        let t0 = Instant::now();
+        if post(&client, &args, &probe, body).await? != 200 {
+            continue;
+        }
+        let accepted = t0.elapsed();
+        expected += 1;
+        loop {
+            if summary_totals(&client, &args, &admin, &probe.install_id)
+                .await
+                .map(|t| t.0)
+                == Some(expected)
+            {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("a freshness probe never became visible");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        freshness.push((t0.elapsed() - accepted).as_micros() as u64);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let bare = match &args.bare_kafka {
+        Some(brokers) => Some(report::bare_producer(brokers, load_secs.min(10.0)).await?),
+        None => None,
+    };
+
+    let mut latencies = counters
+        .latencies_us
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    report::print(&report::Figures {
+        load_secs,
+        events_acked: counters.events_acked.load(Ordering::Relaxed),
+        events_sent: counters.events_sent.load(Ordering::Relaxed),
+        batches_ok: counters.batches_ok.load(Ordering::Relaxed),
+        batches_failed: counters.batches_failed.load(Ordering::Relaxed),
+        distinct_events: distinct,
+        latencies_us: &mut latencies,
+        freshness_us: &mut freshness,
+        drained_at,
+        processor_inserted: processor_inserted(&client, &args).await - inserted_before,
+        bare,
+        rss: report::peak_rss(args.pid_dir.as_deref()),
+        mismatches: mismatches.len(),
+        installations: sites.len(),
+    });
+    if !mismatches.is_empty() {
+        for (id, want, got) in mismatches.iter().take(5) {
+            eprintln!("MISMATCH {id}: ground truth {want:?}, summary {got:?}");
+        }
+        bail!(
+            "{} installations do not match their ground truth",
+            mismatches.len()
+        );
+    }
+    Ok(())
+}
