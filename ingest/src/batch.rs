@@ -319,20 +319,21 @@ fn validate_event(
 }
 
 /// `context` is the site's free JSON: it must be an object within the size
-/// and depth bounds; it is kept as compact JSON text and never interpreted.
+/// and depth bounds. It is kept as the JSON text the site sent (serde has
+/// already checked it is valid JSON) and never interpreted; checking it on
+/// the raw text costs no allocation but the copy that is stored.
 fn check_context(raw: &RawValue, limits: &Limits) -> Result<String, Reason> {
-    if raw.get().len() > limits.max_context_bytes * 2 {
+    let text = raw.get();
+    if !text.starts_with('{') {
+        return Err(("invalid_context", "context must be a JSON object".into()));
+    }
+    if text.len() > limits.max_context_bytes {
         return Err((
             "context_too_large",
             format!("context exceeds {} bytes", limits.max_context_bytes),
         ));
     }
-    let value: serde_json::Value =
-        serde_json::from_str(raw.get()).map_err(|e| ("invalid_context", e.to_string()))?;
-    if !value.is_object() {
-        return Err(("invalid_context", "context must be a JSON object".into()));
-    }
-    if depth(&value) > limits.max_context_depth {
+    if nesting_depth(text) > limits.max_context_depth {
         return Err((
             "context_too_deep",
             format!(
@@ -341,22 +342,33 @@ fn check_context(raw: &RawValue, limits: &Limits) -> Result<String, Reason> {
             ),
         ));
     }
-    let compact = value.to_string();
-    if compact.len() > limits.max_context_bytes {
-        return Err((
-            "context_too_large",
-            format!("context exceeds {} bytes", limits.max_context_bytes),
-        ));
-    }
-    Ok(compact)
+    Ok(text.to_string())
 }
 
-fn depth(v: &serde_json::Value) -> usize {
-    match v {
-        serde_json::Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
-        serde_json::Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
-        _ => 0,
+/// Deepest nesting of objects and arrays in valid JSON text.
+fn nesting_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
+    deepest
 }
 
 #[cfg(test)]
@@ -525,6 +537,13 @@ mod tests {
             assert_eq!(refusal.index, 0);
             assert!(!refusal.message.is_empty());
         }
+    }
+
+    #[test]
+    fn nesting_depth_ignores_brackets_in_strings() {
+        assert_eq!(nesting_depth(r#"{"a":1}"#), 1);
+        assert_eq!(nesting_depth(r#"{"a":{"b":[1,{"c":2}]}}"#), 4);
+        assert_eq!(nesting_depth(r#"{"a":"{{{[[[","b":"\"{"}"#), 1);
     }
 
     #[test]

@@ -65,6 +65,11 @@ struct Args {
     /// Folder of `<component>.pid` files (./stack's .data/run) for peak RSS.
     #[arg(long)]
     pid_dir: Option<std::path::PathBuf>,
+    /// Pause the processors (SIGSTOP, pid from --pid-dir) during the load, so
+    /// the gateway phase measures ingest alone; they resume (SIGCONT) for the
+    /// drain phase, which then measures the processors alone.
+    #[arg(long, requires = "pid_dir")]
+    isolate: bool,
     /// Also measure a bare rdkafka producer on this broker (the ceiling).
     #[arg(long)]
     bare_kafka: Option<String>,
@@ -82,9 +87,51 @@ struct Site {
 
 #[derive(Default)]
 struct Truth {
-    events: HashSet<String>,
+    events: HashSet<u128>,
     tokens: u64,
     sent_bodies: Vec<Vec<u8>>,
+}
+
+/// A pre-rendered batch body whose event ids are patched in place before
+/// each send, so generating load costs a copy, not JSON serialisation.
+struct Template {
+    body: Vec<u8>,
+    /// Byte offsets of the 32 hex digits of every event_id.
+    id_offsets: Vec<usize>,
+    /// total_tokens of each event, in order.
+    tokens: Vec<u64>,
+}
+
+const ID_PLACEHOLDER: &str = "################################";
+
+impl Template {
+    fn new(site: &Site, rng: &mut Rng, size: usize, late_share: f64) -> Self {
+        let (body, truth) = batch(site, rng, size, late_share, |_| ID_PLACEHOLDER.to_string());
+        let needle = ID_PLACEHOLDER.as_bytes();
+        let id_offsets = body
+            .windows(needle.len())
+            .enumerate()
+            .filter(|(_, w)| *w == needle)
+            .map(|(i, _)| i)
+            .collect();
+        Self {
+            body,
+            id_offsets,
+            tokens: truth.into_iter().map(|(_, t)| t).collect(),
+        }
+    }
+
+    /// A body with fresh ids `first..first + n`.
+    fn render(&self, first: u128) -> (Vec<u8>, Vec<(u128, u64)>) {
+        let mut body = self.body.clone();
+        let mut truth = Vec::with_capacity(self.id_offsets.len());
+        for (i, (&at, &tokens)) in self.id_offsets.iter().zip(&self.tokens).enumerate() {
+            let id = first + i as u128;
+            body[at..at + 32].copy_from_slice(format!("{id:032x}").as_bytes());
+            truth.push((id, tokens));
+        }
+        (body, truth)
+    }
 }
 
 struct Counters {
@@ -150,12 +197,13 @@ fn batch(
     rng: &mut Rng,
     size: usize,
     late_share: f64,
+    mut id: impl FnMut(usize) -> String,
 ) -> (Vec<u8>, Vec<(String, u64)>) {
     let now = chrono::Utc::now();
     let mut events = Vec::with_capacity(size);
     let mut truth = Vec::with_capacity(size);
-    for _ in 0..size {
-        let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
+    for n in 0..size {
+        let id = format!("evt_{}", id(n));
         let prompt = 50 + rng.below(2000);
         let completion = 10 + rng.below(300);
         let age = if rng.chance(late_share) {
@@ -238,30 +286,52 @@ async fn worker(
     sites: Arc<Vec<Site>>,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
+    ready: Arc<tokio::sync::Barrier>,
 ) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (id as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    // Event ids: worker id in the high bits, a counter below: unique per run.
+    let run = u128::from(rng.next()) << 80;
+    let mut next_id: u128 = run | ((id as u128) << 48);
+    let templates: Vec<Vec<Template>> = sites
+        .iter()
+        .map(|site| {
+            (0..4)
+                .map(|_| {
+                    let size = args.batch_min
+                        + rng.below((args.batch_max - args.batch_min + 1) as u64) as usize;
+                    Template::new(site, &mut rng, size, args.late_share)
+                })
+                .collect()
+        })
+        .collect();
+    // The clock starts once every worker has its templates.
+    ready.wait().await;
     let mut latencies = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let site = &sites[rng.below(sites.len() as u64) as usize];
-        let resend = rng.chance(args.duplicate_share);
-        let previous = if resend {
+        let s = rng.below(sites.len() as u64) as usize;
+        let site = &sites[s];
+        let previous = if rng.chance(args.duplicate_share) {
             let t = site.truth.lock().unwrap_or_else(|p| p.into_inner());
             t.sent_bodies.last().cloned()
         } else {
             None
         };
-        let (body, truth) = match previous {
-            Some(b) => (b, Vec::new()),
+        let (body, truth, events) = match previous {
+            Some(b) => {
+                let n = serde_json::from_slice::<Value>(&b)
+                    .ok()
+                    .and_then(|v| v["events"].as_array().map(Vec::len))
+                    .unwrap_or(0);
+                (b, Vec::new(), n as u64)
+            }
             None => {
-                let size = args.batch_min
-                    + rng.below((args.batch_max - args.batch_min + 1) as u64) as usize;
-                batch(site, &mut rng, size, args.late_share)
+                let template = &templates[s][rng.below(4) as usize];
+                let (body, truth) = template.render(next_id);
+                next_id += truth.len() as u128;
+                let n = truth.len() as u64;
+                (body, truth, n)
             }
         };
-        let events = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v["events"].as_array().map(Vec::len))
-            .unwrap_or(0) as u64;
         let started = Instant::now();
         let result = post(&client, &args, site, body.clone()).await;
         latencies.push(started.elapsed().as_micros() as u64);
@@ -339,6 +409,18 @@ async fn processor_inserted(client: &reqwest::Client, args: &Args) -> u64 {
         .unwrap_or(0)
 }
 
+fn signal(pid: Option<&str>, sig: &str) -> anyhow::Result<()> {
+    let pid = pid.context("no processors.pid in --pid-dir")?;
+    let ok = std::process::Command::new("kill")
+        .args([sig, pid])
+        .status()?
+        .success();
+    if !ok {
+        bail!("kill {sig} {pid} failed");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
@@ -361,6 +443,15 @@ async fn main() -> anyhow::Result<()> {
     // Every gateway must know them; one gateway here, which applied its own writes.
 
     let inserted_before = processor_inserted(&client, &args).await;
+    let processors_pid = args
+        .pid_dir
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join("processors.pid")).ok())
+        .map(|p| p.trim().to_string());
+    if args.isolate {
+        signal(processors_pid.as_deref(), "-STOP")?;
+        println!("processors paused for the gateway phase");
+    }
     let counters = Arc::new(Counters {
         events_sent: AtomicU64::new(0),
         events_acked: AtomicU64::new(0),
@@ -374,7 +465,7 @@ async fn main() -> anyhow::Result<()> {
         args.concurrency, args.duration, args.batch_min, args.batch_max,
         args.duplicate_share * 100.0, args.late_share * 100.0
     );
-    let started = Instant::now();
+    let ready = Arc::new(tokio::sync::Barrier::new(args.concurrency + 1));
     let workers: Vec<_> = (0..args.concurrency)
         .map(|i| {
             tokio::spawn(worker(
@@ -384,9 +475,12 @@ async fn main() -> anyhow::Result<()> {
                 sites.clone(),
                 counters.clone(),
                 stop.clone(),
+                ready.clone(),
             ))
         })
         .collect();
+    ready.wait().await;
+    let started = Instant::now();
     let mut last = 0;
     for s in 1..=args.duration {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -399,6 +493,13 @@ async fn main() -> anyhow::Result<()> {
         let _ = w.await;
     }
     let load_secs = started.elapsed().as_secs_f64();
+    let drain_from = if args.isolate {
+        signal(processors_pid.as_deref(), "-CONT")?;
+        println!("processors resumed: draining");
+        Instant::now()
+    } else {
+        started
+    };
 
     // Drain: wait until the processors have every distinct event.
     let distinct: u64 = sites
@@ -416,7 +517,7 @@ async fn main() -> anyhow::Result<()> {
     while drain_start.elapsed() < Duration::from_secs(300) {
         let inserted = processor_inserted(&client, &args).await - inserted_before;
         if inserted >= distinct {
-            drained_at = Some(started.elapsed().as_secs_f64());
+            drained_at = Some(drain_from.elapsed().as_secs_f64());
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -449,7 +550,9 @@ async fn main() -> anyhow::Result<()> {
     let mut rng = Rng(42);
     let mut expected = 0u64;
     for _ in 0..args.freshness_probes {
-        let (body, _) = batch(&probe, &mut rng, 1, 0.0);
+        let (body, _) = batch(&probe, &mut rng, 1, 0.0, |_| {
+            format!("{}", uuid::Uuid::new_v4().simple())
+        });
         let t0 = Instant::now();
         if post(&client, &args, &probe, body).await? != 200 {
             continue;

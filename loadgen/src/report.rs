@@ -62,7 +62,7 @@ pub fn print(f: &Figures<'_>) {
     );
     if let Some(at) = f.drained_at {
         println!(
-            "processors: {:.0} events/s into ClickHouse ({} new events, all stored {:.1} s after the load started)",
+            "processors: {:.0} events/s into ClickHouse ({} new events, all stored {:.1} s after the drain started)",
             f.processor_inserted as f64 / at,
             f.processor_inserted,
             at

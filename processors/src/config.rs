@@ -25,8 +25,11 @@ pub struct Config {
         default_value = "usage-processors"
     )]
     pub group: String,
-    /// Most events written to ClickHouse in one batch.
-    #[arg(long, env = "USAGE_PROCESSORS_BATCH_EVENTS", default_value_t = 5000)]
+    /// Most events written to ClickHouse in one batch. Batches close after
+    /// `batch_wait_ms` or at this size; under load they grow while the
+    /// previous one is being written, so rollups are recomputed less often
+    /// (each recompute reads the touched installation-days).
+    #[arg(long, env = "USAGE_PROCESSORS_BATCH_EVENTS", default_value_t = 50_000)]
     pub batch_events: usize,
     /// Longest a batch waits for more events after its first one, in ms
     /// (bounds the freshness of the rollups).

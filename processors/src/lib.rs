@@ -50,6 +50,8 @@ fn consumer(config: &Config, group: &str, topic: &str) -> Result<StreamConsumer,
         // A ClickHouse outage pauses consumption; stay in the group meanwhile.
         .set("max.poll.interval.ms", "600000")
         .set("fetch.wait.max.ms", "50")
+        // Prefetch at most ~16 MiB: enough for full batches, bounded RSS.
+        .set("queued.max.messages.kbytes", "16384")
         .create()
         .map_err(|e| ProcessorError::Startup(format!("Kafka consumer: {e}")))?;
     consumer
