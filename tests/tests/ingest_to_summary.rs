@@ -191,6 +191,39 @@ async fn signed_batches_become_exact_summary_numbers_and_resends_change_nothing(
     assert_eq!(rows(&by_user)[0]["total_tokens"], 1495);
     assert_eq!(by_user["meta"]["total"], 2);
 
+    // The processors mirrored the registry into installation_metadata (no
+    // secret anywhere in ClickHouse) and tracked first/last activity.
+    let ch = p.clickhouse.client();
+    let (plan, account, revision): (String, String, u64) = ch
+        .query("SELECT plan, account_id, revision FROM installation_metadata FINAL WHERE install_id = ?")
+        .bind(&a.install_id)
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(
+        (plan.as_str(), account.as_str(), revision),
+        ("pro", a.account_id.as_str(), 1)
+    );
+    let columns: Vec<String> = ch
+        .query("SELECT name FROM system.columns WHERE database = currentDatabase() AND name ILIKE '%secret%'")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert!(
+        columns.is_empty(),
+        "no secret column in ClickHouse: {columns:?}"
+    );
+    let (first, last): (String, String) = ch
+        .query(
+            "SELECT toString(toDate(min(first_seen))), toString(toDate(max(last_seen)))
+             FROM installation_activity WHERE install_id = ?",
+        )
+        .bind(&a.install_id)
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!((first, last), (earlier(2), today()));
+
     // Site B is counted on its own.
     let b_days = p.wait_for_requests(&b, &earlier(2), 1).await;
     assert_eq!(rows(&b_days)[0]["total_tokens"], 11_000);
