@@ -64,17 +64,7 @@ impl Service for IngestService {
         )
         .map_err(|e| IngestError::Startup(format!("Kafka producer: {e}")))?;
 
-        // Topics are created in the background: the gateway comes up (and
-        // reports not ready) even while Kafka is still starting.
-        let kafka = config.kafka.clone();
-        let topics = tokio::spawn(async move {
-            let mut delay = Duration::from_millis(200);
-            while let Err(err) = kafka.ensure_topics().await {
-                tracing::warn!(%err, "could not ensure topics yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        });
+        let topics = config.kafka.ensure_topics_in_background();
         let follower = tokio::spawn(registry::follower::follow(
             registry.clone(),
             config.kafka.clone(),

@@ -104,15 +104,7 @@ impl Service for Processors {
         let clickhouse = config.clickhouse.client();
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let kafka = config.kafka.clone();
-        let topics = tokio::spawn(async move {
-            let mut delay = Duration::from_millis(200);
-            while let Err(err) = kafka.ensure_topics().await {
-                tracing::warn!(%err, "could not ensure topics yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        });
+        let topics = config.kafka.ensure_topics_in_background();
 
         let prices = Arc::new(RwLock::new(PriceTable::default()));
         let (loaded, mut loaded_rx) = watch::channel(false);

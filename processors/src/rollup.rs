@@ -143,8 +143,8 @@ pub async fn flush(
         .iter()
         .map(|(i, d)| (i.clone(), month_of(*d)))
         .collect();
-    recompute_daily(client, &days).await?;
-    recompute_monthly(client, &months).await?;
+    recompute(client, RECOMPUTE_DAILY, &days).await?;
+    recompute(client, RECOMPUTE_MONTHLY, &months).await?;
     report.days_recomputed = days.len();
     report.months_recomputed = months.len();
     Ok(report)
@@ -177,47 +177,37 @@ fn key_list(keys: &[(String, NaiveDate)]) -> String {
         .join(",")
 }
 
-async fn recompute_daily(
-    client: &Client,
-    days: &BTreeSet<(String, NaiveDate)>,
-) -> Result<(), clickhouse::error::Error> {
-    let days: Vec<_> = days.iter().cloned().collect();
-    for chunk in days.chunks(CHUNK) {
-        let sql = format!(
-            "INSERT INTO usage_daily
-                (install_id, date, user_hash, source, model, account_id,
-                 requests, prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
-             SELECT install_id, toDate(created_at) AS day, user_hash, source, model, any(account_id),
-                    count(), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
-                    sum(cost_usd), toUnixTimestamp64Nano(now64(9))
-             FROM usage_events FINAL
-             WHERE (install_id, toDate(created_at)) IN ({})
-             GROUP BY install_id, day, user_hash, source, model",
-            key_list(chunk)
-        );
-        client.query(&sql).execute().await?;
-    }
-    Ok(())
-}
+/// Recomputes the daily rows of every (install_id, day) in `days` from the
+/// deduplicated raw events.
+const RECOMPUTE_DAILY: &str = "INSERT INTO usage_daily
+        (install_id, date, user_hash, source, model, account_id,
+         requests, prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
+     SELECT install_id, toDate(created_at) AS day, user_hash, source, model, any(account_id),
+            count(), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
+            sum(cost_usd), toUnixTimestamp64Nano(now64(9))
+     FROM usage_events FINAL
+     WHERE (install_id, toDate(created_at)) IN ({keys})
+     GROUP BY install_id, day, user_hash, source, model";
 
-async fn recompute_monthly(
+/// Recomputes the monthly rows of every (install_id, month) from the daily ones.
+const RECOMPUTE_MONTHLY: &str = "INSERT INTO usage_monthly
+        (install_id, month, user_hash, source, model, account_id,
+         requests, prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
+     SELECT install_id, toStartOfMonth(date) AS m, user_hash, source, model, any(account_id),
+            sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
+            sum(cost_usd), toUnixTimestamp64Nano(now64(9))
+     FROM usage_daily FINAL
+     WHERE (install_id, toStartOfMonth(date)) IN ({keys})
+     GROUP BY install_id, m, user_hash, source, model";
+
+async fn recompute(
     client: &Client,
-    months: &BTreeSet<(String, NaiveDate)>,
+    template: &str,
+    keys: &BTreeSet<(String, NaiveDate)>,
 ) -> Result<(), clickhouse::error::Error> {
-    let months: Vec<_> = months.iter().cloned().collect();
-    for chunk in months.chunks(CHUNK) {
-        let sql = format!(
-            "INSERT INTO usage_monthly
-                (install_id, month, user_hash, source, model, account_id,
-                 requests, prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
-             SELECT install_id, toStartOfMonth(date) AS m, user_hash, source, model, any(account_id),
-                    sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
-                    sum(cost_usd), toUnixTimestamp64Nano(now64(9))
-             FROM usage_daily FINAL
-             WHERE (install_id, toStartOfMonth(date)) IN ({})
-             GROUP BY install_id, m, user_hash, source, model",
-            key_list(chunk)
-        );
+    let keys: Vec<_> = keys.iter().cloned().collect();
+    for chunk in keys.chunks(CHUNK) {
+        let sql = template.replace("{keys}", &key_list(chunk));
         client.query(&sql).execute().await?;
     }
     Ok(())

@@ -91,6 +91,20 @@ impl KafkaArgs {
         Ok(())
     }
 
+    /// Creates the topics in the background, retrying with backoff until Kafka
+    /// answers: a service comes up (not ready) even while Kafka is starting.
+    pub fn ensure_topics_in_background(&self) -> tokio::task::JoinHandle<()> {
+        let kafka = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            while let Err(err) = kafka.ensure_topics().await {
+                tracing::warn!(%err, "could not ensure topics yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        })
+    }
+
     /// A readiness probe: the cluster answers a metadata request.
     pub fn probe(&self) -> Probe {
         let config = self.client_config();

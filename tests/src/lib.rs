@@ -103,6 +103,23 @@ where
     }
 }
 
+/// Waits until `GET http://{addr}/ready` answers `status` (200 or 503).
+pub async fn wait_ready_status(addr: std::net::SocketAddr, status: u16, timeout: Duration) {
+    eventually(
+        &format!("/ready of {addr} to answer {status}"),
+        timeout,
+        || async move {
+            let r = http()
+                .get(format!("http://{addr}/ready"))
+                .send()
+                .await
+                .ok()?;
+            (r.status().as_u16() == status).then_some(())
+        },
+    )
+    .await;
+}
+
 /// A plain HTTP client for the services under test.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()

@@ -208,15 +208,7 @@ impl Pipeline {
     }
 
     pub async fn wait_ready(&self, addr: SocketAddr) {
-        eventually("service ready", Duration::from_secs(30), || async move {
-            let r = http()
-                .get(format!("http://{addr}/ready"))
-                .send()
-                .await
-                .ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
+        crate::wait_ready_status(addr, 200, Duration::from_secs(30)).await;
     }
 
     pub async fn register(&self, site: &Site, plan: &str) -> (u16, Value) {

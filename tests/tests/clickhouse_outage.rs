@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use usage_e2e::http;
 use usage_e2e::pipeline::{admin_token, event, Pipeline, Site};
 use usage_e2e::processes::{kill_engine, restart_engines};
-use usage_e2e::{eventually, http};
 
 fn created() -> String {
     (chrono::Utc::now() - chrono::Duration::minutes(1))
@@ -74,19 +74,6 @@ async fn clickhouse_down_pauses_processing_without_loss_or_double_counting() {
     restart_engines().await;
     p.wait_for_requests(&site, &day, 50).await;
     assert_eq!(p.raw_totals(&site).await, (50, 5500));
-    let addr = p.query_addr;
-    eventually(
-        "the query API ready again",
-        Duration::from_secs(10),
-        || async move {
-            let r = http()
-                .get(format!("http://{addr}/ready"))
-                .send()
-                .await
-                .ok()?;
-            (r.status() == 200).then_some(())
-        },
-    )
-    .await;
+    usage_e2e::wait_ready_status(p.query_addr, 200, Duration::from_secs(10)).await;
     p.stop().await;
 }

@@ -54,20 +54,7 @@ async fn kafka_down_means_503_and_nothing_is_lost_after_it_returns() {
     assert_eq!(body["error"], "storage_unavailable");
     assert_eq!(body["received"], 0);
     println!("503 after {:?} with Kafka down", started.elapsed());
-    let addr = p.ingest_addr;
-    eventually(
-        "the gateway to report Kafka not ready",
-        Duration::from_secs(20),
-        || async move {
-            let r = http()
-                .get(format!("http://{addr}/ready"))
-                .send()
-                .await
-                .ok()?;
-            (r.status() == 503).then_some(())
-        },
-    )
-    .await;
+    usage_e2e::wait_ready_status(p.ingest_addr, 503, Duration::from_secs(20)).await;
 
     restart_engines().await;
     // The plugin retries the refused batch until it is accepted.
