@@ -6,6 +6,7 @@
 pub mod config;
 pub mod consumer;
 pub mod error;
+pub mod governance;
 pub mod installations;
 pub mod metrics;
 pub mod pricing;

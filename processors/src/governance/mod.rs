@@ -1,0 +1,10 @@
+//! Live governance: rolling rate limits, abuse and spike detection, and
+//! monthly plan caps, computed in event time per installation.
+//!
+//! - `window`: tumbling buckets summed into rolling windows, watermark and grace;
+//! - `policy`: limits, plans and thresholds as configuration;
+//! - `state`: one installation's state and the decisions that change it.
+
+pub mod policy;
+pub mod state;
+pub mod window;
