@@ -65,9 +65,10 @@ impl Service for IngestService {
         .map_err(|e| IngestError::Startup(format!("Kafka producer: {e}")))?;
 
         let topics = config.kafka.ensure_topics_in_background();
-        let follower = tokio::spawn(registry::follower::follow(
+        let follower = tokio::spawn(usage_service_kit::follower::follow(
             registry.clone(),
             config.kafka.clone(),
+            config.kafka.installations_topic.clone(),
         ));
 
         let gateway = Arc::new(Gateway {

@@ -50,6 +50,14 @@ pub struct Config {
         default_value_t = 60
     )]
     pub price_refresh_secs: u64,
+    /// JSON file overriding the governance policy (limits per plan, thresholds);
+    /// without it, the contract's defaults apply.
+    #[arg(long, env = "USAGE_GOVERNANCE_CONFIG")]
+    pub governance_config: Option<std::path::PathBuf>,
+    /// How late (event time, ms) an event may arrive and still count in the
+    /// rate-limit and abuse windows.
+    #[arg(long, env = "USAGE_GOVERNANCE_GRACE_MS", default_value_t = 60_000)]
+    pub governance_grace_ms: i64,
     /// TEST ONLY: abort right after the N-th batch reached ClickHouse, before
     /// its offsets are committed (proves redelivery counts nothing twice).
     #[arg(long, env = "USAGE_PROCESSORS_CRASH_AFTER_FLUSH", hide = true)]

@@ -18,9 +18,10 @@ use tokio::sync::watch;
 use usage_schemas::wire::AvroRecord;
 use usage_schemas::UsageEvent;
 
+use crate::governance::engine::Engine;
 use crate::metrics::ProcessorMetrics;
 use crate::pricing::PriceTable;
-use crate::rollup;
+use crate::rollup::{self, FlushReport};
 
 #[derive(Debug, Clone)]
 pub struct BatchLimits {
@@ -42,41 +43,89 @@ pub struct EventsConsumer {
     pub limits: BatchLimits,
     pub metrics: ProcessorMetrics,
     pub crash_after_flush: CrashAfterFlush,
+    pub governance: Engine,
+    /// Installations whose plan changed (from the registry follower).
+    pub plan_changes: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+/// What `collect` gathered: a batch, and plan changes to re-evaluate.
+struct Collected {
+    events: Vec<UsageEvent>,
+    offsets: BTreeMap<i32, i64>,
+    plan_changes: Vec<String>,
 }
 
 impl EventsConsumer {
     /// Consumes until `shutdown` turns true; the batch in hand is finished first.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut flushes = 0u64;
         loop {
-            let Some((events, offsets)) = self.collect(&mut shutdown).await else {
+            let Some(batch) = self.collect(&mut shutdown).await else {
                 return;
             };
-            if !self.write(&events, &mut shutdown).await {
-                return;
+            if !batch.events.is_empty() {
+                let Some(report) = self.write(&batch.events, &mut shutdown).await else {
+                    return;
+                };
+                flushes += 1;
+                if self.crash_after_flush.0 == Some(flushes) {
+                    tracing::error!(
+                        "crash-after-flush fault injection: aborting before the offset commit"
+                    );
+                    std::process::abort();
+                }
+                if !self.govern(&batch.events, &report, &mut shutdown).await {
+                    return;
+                }
             }
-            flushes += 1;
-            if self.crash_after_flush.0 == Some(flushes) {
-                tracing::error!(
-                    "crash-after-flush fault injection: aborting before the offset commit"
-                );
-                std::process::abort();
+            for install in &batch.plan_changes {
+                if let Err(err) = self.governance.on_plan_change(install).await {
+                    tracing::warn!(%err, %install, "re-evaluation after a plan change failed");
+                }
             }
-            self.commit(&offsets);
+            if !batch.offsets.is_empty() {
+                self.commit(&batch.offsets);
+            }
             if *shutdown.borrow() {
                 return;
             }
         }
     }
 
+    /// Counts the batch's fresh events in governance and publishes, retrying
+    /// until it succeeds (before the offsets are committed).
+    async fn govern(
+        &mut self,
+        events: &[UsageEvent],
+        report: &FlushReport,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut delay = Duration::from_millis(100);
+        // Counting happens once; only publishing is retried (see Engine).
+        let mut result = self.governance.on_batch(events, &report.fresh).await;
+        while let Err(err) = result {
+            tracing::warn!(%err, retry_in = ?delay, "governance failed; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return false,
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+            result = if self.governance.has_unpublished() {
+                self.governance.retry_publish().await
+            } else {
+                // It failed before counting anything: run it whole again.
+                self.governance.on_batch(events, &report.fresh).await
+            };
+        }
+        true
+    }
+
     /// The next batch: up to `max_events`, or what arrived within `max_wait`
     /// of its first message. `None` on shutdown with nothing in hand.
-    async fn collect(
-        &self,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Option<(Vec<UsageEvent>, BTreeMap<i32, i64>)> {
+    async fn collect(&mut self, shutdown: &mut watch::Receiver<bool>) -> Option<Collected> {
         let mut events = Vec::new();
         let mut offsets = BTreeMap::new();
+        let mut plan_changes = Vec::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut assignment_check = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -88,9 +137,14 @@ impl EventsConsumer {
             };
             tokio::select! {
                 _ = shutdown.changed() => {
-                    return if offsets.is_empty() { None } else { Some((events, offsets)) };
+                    return if offsets.is_empty() { None } else { Some(Collected { events, offsets, plan_changes }) };
                 }
-                _ = timer => return Some((events, offsets)),
+                _ = timer => return Some(Collected { events, offsets, plan_changes }),
+                Some(install) = self.plan_changes.recv() => {
+                    plan_changes.push(install);
+                    // Act on it soon even if no event comes (a blocked site sends none).
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.limits.max_wait);
+                }
                 _ = assignment_check.tick() => {
                     if let Ok(assigned) = self.consumer.assignment() {
                         self.metrics.assigned_partitions.set(assigned.count() as i64);
@@ -117,16 +171,20 @@ impl EventsConsumer {
                     }
                     self.metrics.consumed.inc();
                     if events.len() >= self.limits.max_events {
-                        return Some((events, offsets));
+                        return Some(Collected { events, offsets, plan_changes });
                     }
                 }
             }
         }
     }
 
-    /// Writes the batch, retrying with backoff until it succeeds. Returns
-    /// false if shutdown came first (the batch stays uncommitted).
-    async fn write(&self, events: &[UsageEvent], shutdown: &mut watch::Receiver<bool>) -> bool {
+    /// Writes the batch, retrying with backoff until it succeeds. `None` if
+    /// shutdown came first (the batch stays uncommitted).
+    async fn write(
+        &self,
+        events: &[UsageEvent],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<FlushReport> {
         let mut delay = Duration::from_millis(100);
         loop {
             let prices = self
@@ -140,8 +198,12 @@ impl EventsConsumer {
                     timer.observe_duration();
                     self.metrics.inserted.inc_by(report.inserted as u64);
                     self.metrics.duplicates.inc_by(report.already_stored as u64);
-                    tracing::debug!(?report, "batch written");
-                    return true;
+                    tracing::debug!(
+                        inserted = report.inserted,
+                        duplicates = report.already_stored,
+                        "batch written"
+                    );
+                    return Some(report);
                 }
                 Err(err) => {
                     timer.stop_and_discard();
@@ -149,7 +211,7 @@ impl EventsConsumer {
                     tracing::warn!(%err, retry_in = ?delay, events = events.len(), "ClickHouse write failed; retrying the same batch");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return false,
+                        _ = shutdown.changed() => return None,
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }

@@ -116,6 +116,44 @@ impl Service for Processors {
             Duration::from_secs(config.price_refresh_secs),
         ));
 
+        let policy = match &config.governance_config {
+            None => governance::policy::Policy::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ProcessorError::Startup(format!("governance config {}: {e}", path.display()))
+                })?;
+                governance::policy::Policy::from_json(&path.display().to_string(), &text)
+                    .map_err(|e| ProcessorError::Startup(e.to_string()))?
+            }
+        };
+        tracing::info!(?policy, "governance policy");
+        let (plans, plan_changes) = governance::engine::Plans::new();
+        let plans_task = tokio::spawn(usage_service_kit::follower::follow(
+            plans.clone(),
+            config.kafka.clone(),
+            config.kafka.installations_topic.clone(),
+        ));
+        let governance_producer: rdkafka::producer::FutureProducer = config
+            .kafka
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .create()
+            .map_err(|e| ProcessorError::Startup(format!("Kafka producer: {e}")))?;
+        let processor_metrics = metrics::ProcessorMetrics::register(&metrics);
+        let engine = governance::engine::Engine::new(
+            policy,
+            governance::window::WindowConfig {
+                grace_ms: config.governance_grace_ms,
+                ..Default::default()
+            },
+            plans.clone(),
+            governance_producer,
+            config.kafka.clone(),
+            clickhouse.clone(),
+            processor_metrics.governance.clone(),
+        );
         let events = EventsConsumer {
             consumer: consumer(&config, &config.group, &config.kafka.events_topic)?,
             topic: config.kafka.events_topic.clone(),
@@ -125,16 +163,29 @@ impl Service for Processors {
                 max_events: config.batch_events,
                 max_wait: Duration::from_millis(config.batch_wait_ms),
             },
-            metrics: metrics::ProcessorMetrics::register(&metrics),
+            metrics: processor_metrics,
             crash_after_flush: CrashAfterFlush(config.crash_after_flush),
+            governance: engine,
+            plan_changes,
         };
         let mut events_shutdown = shutdown_rx.clone();
         let events_task = tokio::spawn(async move {
-            // No event is priced before the price table is known.
+            // No event is priced before the price table is known, nor
+            // governed before every installation's plan is.
+            let plans_known = async {
+                while !usage_service_kit::follower::Table::is_caught_up(&*plans) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
             tokio::select! {
-                loaded = loaded_rx.wait_for(|l| *l) => if loaded.is_err() { return },
+                loaded = async {
+                    let prices = loaded_rx.wait_for(|l| *l).await.is_ok();
+                    plans_known.await;
+                    prices
+                } => if !loaded { return },
                 _ = events_shutdown.changed() => return,
             }
+            tracing::info!("prices and plans loaded: consuming the events topic");
             events.run(events_shutdown).await;
         });
 
@@ -159,7 +210,13 @@ impl Service for Processors {
         Ok(Self {
             http,
             shutdown,
-            tasks: vec![events_task, installations_task, topics, price_task],
+            tasks: vec![
+                events_task,
+                installations_task,
+                topics,
+                price_task,
+                plans_task,
+            ],
         })
     }
 

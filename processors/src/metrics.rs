@@ -14,6 +14,7 @@ pub struct ProcessorMetrics {
     pub flush_seconds: Histogram,
     /// Partitions of the events topic this instance owns right now.
     pub assigned_partitions: IntGauge,
+    pub governance: crate::governance::engine::GovernanceMetrics,
 }
 
 fn counter(metrics: &Metrics, name: &str, help: &str) -> IntCounter {
@@ -74,6 +75,27 @@ impl ProcessorMetrics {
             ),
             flush_seconds,
             assigned_partitions,
+            governance: crate::governance::engine::GovernanceMetrics {
+                too_late: Some(counter(
+                    metrics,
+                    "governance_events_too_late_total",
+                    "events behind the watermark: stored and in rollups, not in the windows",
+                )),
+                decisions: Some(counter(
+                    metrics,
+                    "governance_decisions_total",
+                    "governance decisions published",
+                )),
+                installations: Some({
+                    let g = IntGauge::new(
+                        "governance_installations",
+                        "installations with governance state in memory",
+                    )
+                    .expect("static metric definition");
+                    metrics.register(Box::new(g.clone()));
+                    g
+                }),
+            },
         }
     }
 }

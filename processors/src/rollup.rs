@@ -35,6 +35,9 @@ const CHUNK: usize = 2000;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FlushReport {
+    /// Indices (into the flushed slice) of the events stored for the first
+    /// time by this flush: the only ones governance may count.
+    pub fresh: Vec<usize>,
     pub inserted: usize,
     pub already_stored: usize,
     pub days_recomputed: usize,
@@ -113,18 +116,20 @@ pub async fn flush(
 
     // First occurrence in the batch wins, like first write wins across batches.
     let mut seen = HashSet::with_capacity(events.len());
-    let unique: Vec<&UsageEvent> = events
+    let unique: Vec<(usize, &UsageEvent)> = events
         .iter()
-        .filter(|e| seen.insert((e.install_id.as_str(), e.event_id.as_str())))
+        .enumerate()
+        .filter(|(_, e)| seen.insert((e.install_id.as_str(), e.event_id.as_str())))
         .collect();
 
-    let stored = stored_ids(client, &unique).await?;
-    let fresh: Vec<&UsageEvent> = unique
+    let stored = stored_ids(client, &unique.iter().map(|(_, e)| *e).collect::<Vec<_>>()).await?;
+    let (fresh_idx, fresh): (Vec<usize>, Vec<&UsageEvent>) = unique
         .iter()
         .copied()
-        .filter(|e| !stored.contains(&(e.install_id.clone(), e.event_id.clone())))
-        .collect();
+        .filter(|(_, e)| !stored.contains(&(e.install_id.clone(), e.event_id.clone())))
+        .unzip();
     report.already_stored = unique.len() - fresh.len();
+    report.fresh = fresh_idx;
 
     if !fresh.is_empty() {
         let mut insert = client.insert::<UsageEventRow>("usage_events").await?;
@@ -137,7 +142,7 @@ pub async fn flush(
 
     let days: BTreeSet<(String, NaiveDate)> = unique
         .iter()
-        .map(|e| (e.install_id.clone(), day_of(e.created_at)))
+        .map(|(_, e)| (e.install_id.clone(), day_of(e.created_at)))
         .collect();
     let months: BTreeSet<(String, NaiveDate)> = days
         .iter()

@@ -6,11 +6,13 @@
 //!   them (`migrations`).
 
 pub mod event;
+pub mod governance;
 pub mod installation;
 pub mod migrations;
 pub mod rows;
 pub mod wire;
 
 pub use event::UsageEvent;
+pub use governance::{GovernanceDecision, GovernanceState};
 pub use installation::Installation;
 pub use wire::{AvroRecord, WireError};

@@ -49,6 +49,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(4, "0004_installation_metadata"),
     migration!(5, "0005_installation_activity"),
     migration!(6, "0006_model_prices"),
+    migration!(7, "0007_governance_decisions"),
 ];
 
 impl Migration {

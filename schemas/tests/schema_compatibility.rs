@@ -14,7 +14,7 @@ use apache_avro::Schema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use usage_schemas::wire::{fingerprint, AvroRecord};
-use usage_schemas::{Installation, UsageEvent};
+use usage_schemas::{GovernanceDecision, GovernanceState, Installation, UsageEvent};
 
 fn fixture(subject: &str, version: usize, ext: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -127,6 +127,41 @@ fn every_usage_event_version_decodes_with_the_current_schema() {
 #[test]
 fn every_installation_version_decodes_with_the_current_schema() {
     check_subject(sample_installation());
+}
+
+#[test]
+fn every_governance_state_version_decodes_with_the_current_schema() {
+    check_subject(GovernanceState {
+        install_id: "550e8400-e29b-41d4-a716-446655440000_a3b4c5d6e7f8".into(),
+        plan: "free".into(),
+        month: "2025-11".into(),
+        monthly_used: 45,
+        monthly_cap: Some(50),
+        level: "critical".into(),
+        rate_limited_until: Some(1_762_166_100_000),
+        rate_limit_reason: Some("requests".into()),
+        abuse_flagged: false,
+        abuse_reason: None,
+        spike_flagged: false,
+        window_requests: 100,
+        window_tokens: 17_500,
+        hour_requests: 120,
+        hour_tokens: 21_000,
+        rate_requests_limit: 100,
+        rate_tokens_limit: 50_000,
+        as_of: 1_762_165_800_000,
+    });
+}
+
+#[test]
+fn every_governance_decision_version_decodes_with_the_current_schema() {
+    check_subject(GovernanceDecision {
+        decision_id: "0123456789abcdef0123456789abcdef".into(),
+        install_id: "550e8400-e29b-41d4-a716-446655440000_a3b4c5d6e7f8".into(),
+        kind: "cap_critical".into(),
+        reason: "45 of 50 generations used in 2025-11 (free plan)".into(),
+        at: 1_762_165_800_000,
+    });
 }
 
 #[test]

@@ -35,6 +35,21 @@ pub struct KafkaArgs {
         default_value = "usage.installations.v1"
     )]
     pub installations_topic: String,
+    /// Compacted topic holding each installation's current governance state
+    /// (key install_id), written by the processors, enforced by the gateways.
+    #[arg(
+        long = "governance-topic",
+        env = "USAGE_GOVERNANCE_TOPIC",
+        default_value = "usage.governance.v1"
+    )]
+    pub governance_topic: String,
+    /// Append-only history of governance decisions.
+    #[arg(
+        long = "decisions-topic",
+        env = "USAGE_DECISIONS_TOPIC",
+        default_value = "usage.governance.decisions.v1"
+    )]
+    pub decisions_topic: String,
     /// Partitions of the events topic when this service creates it; the
     /// upper bound on processor instances sharing the load.
     #[arg(
@@ -64,7 +79,8 @@ impl KafkaArgs {
         config
     }
 
-    /// Creates the events topic and the compacted installations topic if absent.
+    /// Creates the events topic, the compacted installations and governance
+    /// topics and the decisions history topic if absent.
     pub async fn ensure_topics(&self) -> Result<(), rdkafka::error::KafkaError> {
         let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
         let replication = || TopicReplication::Fixed(self.replication);
@@ -73,11 +89,13 @@ impl KafkaArgs {
             .set("cleanup.policy", "compact")
             // Tombstones (erasure) stay long enough for every gateway to see them.
             .set("delete.retention.ms", "86400000");
+        let governance = NewTopic::new(&self.governance_topic, 1, replication())
+            .set("cleanup.policy", "compact")
+            .set("delete.retention.ms", "86400000");
+        let decisions = NewTopic::new(&self.decisions_topic, 1, replication());
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for result in admin
-            .create_topics([&events, &installations], &opts)
-            .await?
-        {
+        let all = [&events, &installations, &governance, &decisions];
+        for result in admin.create_topics(all, &opts).await? {
             match result {
                 Ok(name) => tracing::info!(topic = %name, "created topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

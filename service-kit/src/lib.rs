@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod clickhouse;
+pub mod follower;
 pub mod health;
 pub mod kafka;
 pub mod metrics;

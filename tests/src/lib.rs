@@ -30,6 +30,8 @@ pub fn kafka_args() -> KafkaArgs {
         brokers: std::env::var(KAFKA_ENV).unwrap_or_else(|_| "127.0.0.1:9092".into()),
         events_topic: unique("test_events"),
         installations_topic: unique("test_installations"),
+        governance_topic: unique("test_governance"),
+        decisions_topic: unique("test_decisions"),
         events_partitions: 4,
         replication: 1,
     }

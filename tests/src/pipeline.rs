@@ -169,6 +169,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Everything up and ready; `with_processor: false` leaves processing to the test.
     pub async fn start(with_processor: bool) -> Self {
+        usage_service_kit::telemetry::init(&quiet_log());
         let kafka = kafka_args();
         require_kafka(&kafka).await;
         let clickhouse = crate::migrated_database().await;

@@ -194,12 +194,22 @@ async fn signed_batches_become_exact_summary_numbers_and_resends_change_nothing(
     // The processors mirrored the registry into installation_metadata (no
     // secret anywhere in ClickHouse) and tracked first/last activity.
     let ch = p.clickhouse.client();
-    let (plan, account, revision): (String, String, u64) = ch
-        .query("SELECT plan, account_id, revision FROM installation_metadata FINAL WHERE install_id = ?")
-        .bind(&a.install_id)
-        .fetch_one()
-        .await
-        .unwrap();
+    // Written asynchronously by the processors' registry consumer.
+    let (plan, account, revision): (String, String, u64) = usage_e2e::eventually(
+        "installation_metadata to have the registration",
+        std::time::Duration::from_secs(10),
+        || {
+            let (ch, id) = (ch.clone(), a.install_id.clone());
+            async move {
+                ch.query("SELECT plan, account_id, revision FROM installation_metadata FINAL WHERE install_id = ?")
+                    .bind(&id)
+                    .fetch_optional()
+                    .await
+                    .unwrap()
+            }
+        },
+    )
+    .await;
     assert_eq!(
         (plan.as_str(), account.as_str(), revision),
         ("pro", a.account_id.as_str(), 1)

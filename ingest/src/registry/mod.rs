@@ -6,10 +6,10 @@
 //! (`follower`), so a registration accepted by one gateway is usable on every
 //! gateway as soon as they read it (well under a second). The gateway is not
 //! ready until it has caught up with the topic. Writes (`commands`) go to the
-//! topic first and are applied locally once Kafka has them.
+//! topic first and are applied locally once Kafka has them. The following is
+//! `usage_service_kit::follower`; this module is the table it fills.
 
 pub mod commands;
-pub mod follower;
 pub mod seal;
 
 use std::collections::HashMap;
@@ -134,7 +134,23 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .remove(install_id);
     }
+}
 
+impl usage_service_kit::follower::Table for Registry {
+    fn apply(&self, key: Option<&[u8]>, payload: Option<&[u8]>) {
+        self.apply_message(key, payload);
+    }
+
+    fn caught_up(&self) {
+        self.set_caught_up();
+    }
+
+    fn is_caught_up(&self) -> bool {
+        Registry::is_caught_up(self)
+    }
+}
+
+impl Registry {
     /// Applies one message of the installations topic.
     pub fn apply_message(&self, key: Option<&[u8]>, payload: Option<&[u8]>) {
         match payload {

@@ -5,6 +5,7 @@
 //! - `policy`: limits, plans and thresholds as configuration;
 //! - `state`: one installation's state and the decisions that change it.
 
+pub mod engine;
 pub mod policy;
 pub mod state;
 pub mod window;

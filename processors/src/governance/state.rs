@@ -8,54 +8,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+pub use usage_schemas::{GovernanceDecision as Decision, GovernanceState};
 
 use super::policy::{Level, Policy};
 use super::window::{Applied, Counts, InstallationWindows, WindowConfig};
-
-/// The current governance state of one installation: the value of the
-/// compacted governance topic, what every gateway enforces.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GovernanceState {
-    pub install_id: String,
-    pub plan: String,
-    /// The calendar month (UTC) of `monthly_used`, `YYYY-MM`.
-    pub month: String,
-    pub monthly_used: i64,
-    pub monthly_cap: Option<i64>,
-    /// ok | warning | critical | blocked
-    pub level: String,
-    /// Event time (ms) until which new events are refused (rate limit).
-    pub rate_limited_until: Option<i64>,
-    /// requests | tokens
-    pub rate_limit_reason: Option<String>,
-    pub abuse_flagged: bool,
-    pub abuse_reason: Option<String>,
-    pub spike_flagged: bool,
-    /// Requests and tokens in the rate-limit window and the abuse window at `as_of`.
-    pub window_requests: i64,
-    pub window_tokens: i64,
-    pub hour_requests: i64,
-    pub hour_tokens: i64,
-    pub rate_requests_limit: i64,
-    pub rate_tokens_limit: i64,
-    /// Event time (ms) this state was computed at.
-    pub as_of: i64,
-}
-
-/// One change worth an entry in the history (and, for cap levels, an alert).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Decision {
-    /// Derived from the content: a replay produces the same id.
-    pub decision_id: String,
-    pub install_id: String,
-    /// rate_limited | abuse_flagged | spike_flagged | cap_warning | cap_critical | blocked | unblocked
-    pub kind: String,
-    pub reason: String,
-    /// Event time (ms) of the event that caused it.
-    pub at: i64,
-}
 
 fn month_of(ms: i64) -> (String, NaiveDate) {
     let d = DateTime::<Utc>::from_timestamp_millis(ms)

@@ -1,44 +1,49 @@
-//! Follows the installations topic into the in-memory registry.
+//! Following a compacted topic into memory (a table of the latest value per key).
 //!
-//! No consumer group offsets: every gateway reads the whole compacted topic
-//! from the beginning at start (it holds one record per installation), then
-//! keeps following it. "Caught up" means our position reached the high
-//! watermark sampled at start on every partition; until then the gateway
-//! reports not ready, so it never refuses a registered installation as unknown.
+//! No consumer group offsets: each process reads the whole topic from the
+//! beginning at start (compaction keeps one record per key), then keeps
+//! following it. "Caught up" means our position reached the high watermark
+//! sampled at start on every partition; services report not ready until then,
+//! so they never act on a half-loaded table. Used for the installation
+//! registry and the governance state.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use usage_service_kit::kafka::KafkaArgs;
 
-use super::Registry;
+use crate::kafka::KafkaArgs;
 
-/// Runs until the process ends; reconnects and resumes on Kafka errors.
-pub async fn follow(registry: Arc<Registry>, kafka: KafkaArgs) {
+/// What a follower does with the records of its topic.
+pub trait Table: Send + Sync + 'static {
+    /// One record: `value` is `None` for a tombstone.
+    fn apply(&self, key: Option<&[u8]>, value: Option<&[u8]>);
+    /// The topic has been read up to where it was when following started.
+    fn caught_up(&self);
+    fn is_caught_up(&self) -> bool;
+}
+
+/// Follows `topic` into `table` until the process ends; reconnects and
+/// resumes from the beginning on Kafka errors (applying is idempotent).
+pub async fn follow<T: Table>(table: std::sync::Arc<T>, kafka: KafkaArgs, topic: String) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match follow_once(&registry, &kafka).await {
-            Ok(()) => return,
-            Err(err) => {
-                tracing::warn!(%err, "installation registry follower restarting");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+        if let Err(err) = follow_once(&*table, &kafka, &topic).await {
+            tracing::warn!(%err, %topic, "follower restarting");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 }
 
-async fn follow_once(registry: &Registry, kafka: &KafkaArgs) -> Result<(), String> {
-    let topic = kafka.installations_topic.as_str();
+async fn follow_once<T: Table>(table: &T, kafka: &KafkaArgs, topic: &str) -> Result<(), String> {
     let consumer: StreamConsumer = kafka
         .client_config()
         // Required by librdkafka, never used for commits.
-        .set("group.id", "usage-ingest-registry")
+        .set("group.id", format!("follower-{topic}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", "20")
         .create()
         .map_err(|e| e.to_string())?;
 
@@ -80,7 +85,7 @@ async fn follow_once(registry: &Registry, kafka: &KafkaArgs) -> Result<(), Strin
     }
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
 
-    let caught_up = |consumer: &StreamConsumer| -> bool {
+    let reached_start_watermarks = |consumer: &StreamConsumer| -> bool {
         let Ok(position) = consumer.position() else {
             return false;
         };
@@ -92,24 +97,21 @@ async fn follow_once(registry: &Registry, kafka: &KafkaArgs) -> Result<(), Strin
                 )
         })
     };
-    if caught_up(&consumer) {
-        registry.set_caught_up();
-    }
+    let check = |consumer: &StreamConsumer| {
+        if !table.is_caught_up() && reached_start_watermarks(consumer) {
+            table.caught_up();
+        }
+    };
+    check(&consumer);
 
     loop {
         match tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await {
             Ok(Ok(msg)) => {
-                registry.apply_message(msg.key(), msg.payload());
-                if !registry.is_caught_up() && caught_up(&consumer) {
-                    registry.set_caught_up();
-                }
+                table.apply(msg.key(), msg.payload());
+                check(&consumer);
             }
             Ok(Err(err)) => return Err(err.to_string()),
-            Err(_idle) => {
-                if !registry.is_caught_up() && caught_up(&consumer) {
-                    registry.set_caught_up();
-                }
-            }
+            Err(_idle) => check(&consumer),
         }
     }
 }
