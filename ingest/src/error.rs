@@ -58,6 +58,17 @@ pub enum IngestError {
     Unavailable(#[from] SinkError),
     #[error("installation registry is still loading")]
     RegistryLoading,
+    #[error("rate limit reached ({reason} in 5 minutes); retry in {retry_after_secs} s")]
+    RateLimited {
+        retry_after_secs: u64,
+        reason: String,
+    },
+    #[error("monthly plan limit reached ({used} of {cap} generations); upgrade the plan or wait for the next month")]
+    PlanLimitReached {
+        retry_after_secs: u64,
+        used: i64,
+        cap: i64,
+    },
 }
 
 /// Seconds a client should wait before retrying a 503.
@@ -83,6 +94,7 @@ impl IngestError {
             Command(CommandError::Seal) => StatusCode::INTERNAL_SERVER_ERROR,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Unavailable(_) | RegistryLoading => StatusCode::SERVICE_UNAVAILABLE,
+            RateLimited { .. } | PlanLimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -112,6 +124,22 @@ impl IngestError {
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
             Unavailable(_) | RegistryLoading => "storage_unavailable",
+            RateLimited { .. } => "rate_limited",
+            PlanLimitReached { .. } => "plan_limit_reached",
+        }
+    }
+
+    /// `Retry-After` seconds, for the answers that have one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            IngestError::RateLimited {
+                retry_after_secs, ..
+            }
+            | IngestError::PlanLimitReached {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            e if e.retryable() => Some(u64::from(RETRY_AFTER_SECS)),
+            _ => None,
         }
     }
 
@@ -147,10 +175,10 @@ impl IngestError {
         }
         let mut response =
             warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
-        if self.retryable() {
+        if let Some(secs) = self.retry_after() {
             response
                 .headers_mut()
-                .insert("retry-after", HeaderValue::from(RETRY_AFTER_SECS));
+                .insert("retry-after", HeaderValue::from(secs));
         }
         response
     }

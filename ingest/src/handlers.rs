@@ -23,6 +23,7 @@ use crate::sink::{Record, RecordSink};
 /// Everything the handlers share.
 pub struct Gateway<S> {
     pub registry: Arc<Registry>,
+    pub governance: Arc<crate::governance::GovernanceView>,
     pub sink: S,
     pub jwt: JwtVerifier,
     pub limits: Limits,
@@ -103,6 +104,30 @@ impl<S: RecordSink> Gateway<S> {
                 refused: validated.refused,
             });
         }
+        let created: Vec<i64> = validated.accepted.iter().map(|e| e.created_at).collect();
+        match self.governance.check(&batch.install_id, &created, now) {
+            Ok(()) => {}
+            Err(crate::governance::Refusal::RateLimited {
+                retry_after_secs,
+                reason,
+            }) => {
+                return Err(IngestError::RateLimited {
+                    retry_after_secs,
+                    reason,
+                })
+            }
+            Err(crate::governance::Refusal::PlanLimitReached {
+                retry_after_secs,
+                used,
+                cap,
+            }) => {
+                return Err(IngestError::PlanLimitReached {
+                    retry_after_secs,
+                    used,
+                    cap,
+                })
+            }
+        }
 
         let mut records = Vec::with_capacity(validated.accepted.len());
         let mut event_ids = Vec::with_capacity(validated.accepted.len());
@@ -160,6 +185,33 @@ impl<S: RecordSink> Gateway<S> {
             body["rejected"] = json!(validated.refused);
         }
         Ok(warp::reply::json(&body).into_response())
+    }
+
+    /// `GET /api/usage/governance?install_id=...`: usage against the cap,
+    /// what is left in the windows, flags, and when each resets.
+    pub async fn governance_report(
+        &self,
+        headers: HeaderMap,
+        query: std::collections::HashMap<String, String>,
+    ) -> Result<Response, IngestError> {
+        let claims = self.claims(&headers)?;
+        let install_id = query
+            .get("install_id")
+            .ok_or_else(|| IngestError::Malformed("install_id is required".into()))?;
+        let entry = self
+            .registry
+            .get(install_id)
+            .ok_or(IngestError::UnknownInstallation)?;
+        Self::may_manage(&claims, &entry.record.account_id)?;
+        let state = self.governance.get(install_id);
+        let report = crate::governance::GovernanceReport::new(
+            install_id,
+            &entry.record.plan,
+            None,
+            state.as_deref(),
+            now_ms(),
+        );
+        Ok(warp::reply::json(&json!({"success": true, "governance": report})).into_response())
     }
 
     /// Who may register or change `account_id`'s installations.

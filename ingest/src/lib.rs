@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod governance;
 pub mod handlers;
 pub mod metrics;
 pub mod registry;
@@ -71,8 +72,15 @@ impl Service for IngestService {
             config.kafka.installations_topic.clone(),
         ));
 
+        let governance = Arc::new(governance::GovernanceView::default());
+        let governance_follower = tokio::spawn(usage_service_kit::follower::follow(
+            governance.clone(),
+            config.kafka.clone(),
+            config.kafka.governance_topic.clone(),
+        ));
         let gateway = Arc::new(Gateway {
             registry: registry.clone(),
+            governance: governance.clone(),
             sink,
             jwt: config.jwt.verifier(),
             limits: Limits {
@@ -100,11 +108,21 @@ impl Service for IngestService {
                 }
             })
         };
+        let governance_probe = Probe::new("governance", move || {
+            let caught_up = usage_service_kit::follower::Table::is_caught_up(&*governance);
+            async move {
+                if caught_up {
+                    Ok(())
+                } else {
+                    Err("still reading the governance topic".to_string())
+                }
+            }
+        });
         let http = HttpService::start(
             SERVICE,
             config.listen,
             metrics,
-            vec![config.kafka.probe(), registry_probe],
+            vec![config.kafka.probe(), registry_probe, governance_probe],
             routes::routes(gateway.clone(), config.max_body_bytes),
         )
         .await
@@ -116,7 +134,7 @@ impl Service for IngestService {
             http,
             registry,
             gateway,
-            background: vec![topics, follower],
+            background: vec![topics, follower, governance_follower],
         })
     }
 

@@ -6,6 +6,7 @@
 //! | `POST /api/usage/event`, `POST /usage/event` | [`Gateway::post_events`] |
 //! | `POST /api/usage/installations` | [`Gateway::register`] |
 //! | `POST /api/usage/installations/{install_id}/rotate-secret` | [`Gateway::rotate_secret`] |
+//! | `GET /api/usage/governance?install_id=` | [`Gateway::governance_report`] |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -78,7 +79,7 @@ pub fn routes<S: RecordSink>(
         );
     let rotate = warp::path!("api" / "usage" / "installations" / String / "rotate-secret")
         .and(warp::post())
-        .and(gw)
+        .and(gw.clone())
         .and(warp::header::headers_cloned())
         .and(body)
         .then(
@@ -91,7 +92,24 @@ pub fn routes<S: RecordSink>(
             },
         );
 
+    let governance = warp::path!("api" / "usage" / "governance")
+        .and(warp::get())
+        .and(gw)
+        .and(warp::header::headers_cloned())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .then(
+            |gw: Arc<Gateway<S>>, headers: HeaderMap, query| async move {
+                outcome(
+                    gw.governance_report(headers, query).await,
+                    "governance",
+                    &gw.metrics,
+                )
+            },
+        );
+
     events
+        .or(governance)
+        .unify()
         .or(register)
         .unify()
         .or(rotate)
@@ -133,6 +151,7 @@ mod tests {
     fn filter() -> BoxedFilter<(Response,)> {
         let metrics = usage_service_kit::Metrics::new("test");
         let gateway = Gateway {
+            governance: Default::default(),
             registry: Arc::new(Registry::new(
                 Sealer::from_hex(crate::registry::seal::DEV_KEY_HEX).unwrap(),
             )),

@@ -113,6 +113,7 @@ struct DecisionRow {
 #[derive(Debug, Row, Deserialize)]
 struct RawCount {
     install_id: String,
+    event_id: String,
     created_at: i64,
     total_tokens: u32,
 }
@@ -202,7 +203,7 @@ impl Engine {
         let rows: Vec<RawCount> = self
             .clickhouse
             .query(&format!(
-                "SELECT install_id, toUnixTimestamp64Milli(created_at) AS created_at, total_tokens
+                "SELECT install_id, event_id, toUnixTimestamp64Milli(created_at) AS created_at, total_tokens
                  FROM usage_events FINAL
                  WHERE install_id IN ({list}) AND created_at >= fromUnixTimestamp64Milli(toInt64(?))
                  ORDER BY install_id, received_at, created_at, event_id"
@@ -223,10 +224,12 @@ impl Engine {
             self.installs
                 .insert(id.to_string(), Installation::default());
         }
-        // The raw rows include this batch's events only if they were stored by
-        // an earlier, crashed attempt; the ones stored now are counted by the caller.
-        let _ = batch_ids;
+        // The batch being governed is already stored: its events are counted
+        // by the caller, in order, so they are left out here.
         for r in rows {
+            if batch_ids.contains(r.event_id.as_str()) {
+                continue;
+            }
             if let Some(state) = self.installs.get_mut(&r.install_id) {
                 state.count(&self.windows, r.created_at, u64::from(r.total_tokens));
             }
@@ -290,6 +293,18 @@ impl Engine {
             *batch_months
                 .entry((e.install_id.clone(), month_key(e.created_at)))
                 .or_default() += 1;
+        }
+        // Every accepted event's installation was registered on the registry
+        // topic before the gateway accepted it, so the plans follower will
+        // know it: wait for that rather than govern with a guessed plan.
+        for install in &installs {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while self.plans.plan(install).is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if self.plans.plan(install).is_none() {
+                tracing::warn!(%install, "plan still unknown after 10 s; governing as free");
+            }
         }
         let batch_ids: HashSet<&str> = fresh.iter().map(|e| e.event_id.as_str()).collect();
         let since = fresh.iter().map(|e| e.created_at).min().unwrap_or_default()

@@ -1,0 +1,330 @@
+//! Live governance end to end: events with timestamps under the test's
+//! control go through the real gateway, Kafka, processors and ClickHouse; the
+//! processors' decisions come back to the gateway through the governance
+//! topic and are enforced there.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use usage_e2e::pipeline::{event, token, Pipeline, Site};
+use usage_e2e::processes::ProcessorProcess;
+use usage_e2e::{eventually, http, unique};
+use usage_service_kit::auth::Role;
+
+const BIN: &str = env!("CARGO_BIN_EXE_e2e-processors");
+
+fn iso(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A start time `minutes` ago, on a 10 s bucket boundary, in the current month.
+fn base(minutes: i64) -> i64 {
+    let now = chrono::Utc::now();
+    let month_start = now
+        .date_naive()
+        .with_day0(0)
+        .unwrap()
+        .and_hms_opt(0, 0, 10)
+        .unwrap()
+        .and_utc();
+    let t = (now - chrono::Duration::minutes(minutes))
+        .max(month_start)
+        .timestamp_millis();
+    t - t.rem_euclid(10_000)
+}
+
+use chrono::Datelike;
+
+/// Sends events `ids` created at `at(id)`, `per_batch` per request; returns the statuses.
+async fn send(
+    p: &Pipeline,
+    site: &Site,
+    ids: std::ops::Range<u128>,
+    per_batch: usize,
+    tokens: u32,
+    at: impl Fn(u128) -> i64,
+) -> Vec<(u16, Value)> {
+    let ids: Vec<u128> = ids.collect();
+    let mut out = vec![];
+    for chunk in ids.chunks(per_batch) {
+        let events = chunk
+            .iter()
+            .map(|i| {
+                event(
+                    *i,
+                    &site.user_hash(1),
+                    "bulk",
+                    "gpt-4o-mini",
+                    tokens - 10,
+                    10,
+                    &iso(at(*i)),
+                )
+            })
+            .collect();
+        out.push(p.send(site, site.batch(events)).await);
+    }
+    out
+}
+
+async fn report(p: &Pipeline, site: &Site) -> Value {
+    let r = http()
+        .get(format!(
+            "http://{}/api/usage/governance?install_id={}",
+            p.ingest_addr, site.install_id
+        ))
+        .bearer_auth(token(Role::Account, Some(&site.account_id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Value>().await.unwrap()["governance"].clone()
+}
+
+async fn wait_report(p: &Pipeline, site: &Site, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let last = std::sync::Mutex::new(Value::Null);
+    let found = tokio::time::timeout(
+        Duration::from_secs(30),
+        eventually(what, Duration::from_secs(31), || async {
+            let r = report(p, site).await;
+            *last.lock().unwrap() = r.clone();
+            ok(&r).then_some(r)
+        }),
+    )
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!(
+            "timed out waiting for {what}; last report: {}",
+            last.lock().unwrap()
+        )
+    })
+}
+
+async fn decisions(p: &Pipeline, site: &Site) -> Vec<(String, String)> {
+    p.clickhouse
+        .client()
+        .query("SELECT kind, reason FROM governance_decisions FINAL WHERE install_id = ? ORDER BY at, kind")
+        .bind(&site.install_id)
+        .fetch_all()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_101st_request_in_5_minutes_is_refused_until_the_window_frees() {
+    let p = Pipeline::start(true).await;
+    let site = Site::new(1);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    let t0 = base(20);
+    // 100 requests, one a second.
+    for (status, body) in send(&p, &site, 0..100, 25, 100, |i| t0 + i as i64 * 1000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let accepted = Instant::now();
+    let r = wait_report(&p, &site, "the gateway to know the window is full", |r| {
+        r["requests_left_in_window"] == 0
+    })
+    .await;
+    println!(
+        "decision to enforcement: {:?} after the 100th request was accepted",
+        accepted.elapsed()
+    );
+    assert_eq!(r["monthly_used"], 100);
+
+    // The 101st, 100 s later, is refused until the first 10 s bucket slides out.
+    let (status, body) = send(&p, &site, 100..101, 1, 100, |_| t0 + 100_000)
+        .await
+        .remove(0);
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["success"], false);
+    assert_eq!(body["received"], 0);
+    // Once the window has freed (event time t0 + 300 s), it is accepted.
+    let (status, body) = send(&p, &site, 101..102, 1, 100, |_| t0 + 300_000)
+        .await
+        .remove(0);
+    assert_eq!(status, 200, "{body}");
+    let kinds: Vec<String> = decisions(&p, &site)
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(kinds, ["rate_limited"]);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_limit_works_the_same_way() {
+    let p = Pipeline::start(true).await;
+    let site = Site::new(2);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    let t0 = base(20);
+    // 5 generations of 10,000 tokens reach the 50,000-token limit.
+    for (status, body) in send(&p, &site, 0..5, 5, 10_000, |i| t0 + i as i64 * 1000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_report(&p, &site, "the token window to be full", |r| {
+        r["tokens_left_in_window"] == 0
+    })
+    .await;
+    let (status, body) = send(&p, &site, 5..6, 1, 20, |_| t0 + 60_000)
+        .await
+        .remove(0);
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"], "rate_limited");
+    assert!(body["message"].as_str().unwrap().contains("tokens"));
+    let (status, _) = send(&p, &site, 6..7, 1, 20, |_| t0 + 300_000)
+        .await
+        .remove(0);
+    assert_eq!(status, 200);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn abuse_is_flagged_at_200_requests_in_an_hour() {
+    let p = Pipeline::start(true).await;
+    let site = Site::new(3);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    let t0 = base(59);
+    // 200 requests over 50 minutes: 4 a minute, never rate limited.
+    for (status, body) in send(&p, &site, 0..200, 50, 100, |i| t0 + i as i64 * 15_000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let r = wait_report(&p, &site, "abuse to be flagged", |r| {
+        r["abuse_flagged"] == true
+    })
+    .await;
+    assert!(r["abuse_reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("200 requests in one hour"));
+    let kinds: Vec<String> = decisions(&p, &site)
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(kinds, ["abuse_flagged"]);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn the_free_plan_warns_at_38_and_45_blocks_at_50_and_an_upgrade_unblocks() {
+    let p = Pipeline::start(true).await;
+    let site = Site::new(4);
+    assert_eq!(p.register(&site, "free").await.0, 201);
+    let t0 = base(10);
+    for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let r = wait_report(&p, &site, "the block", |r| r["level"] == "blocked").await;
+    assert_eq!(
+        (r["monthly_used"].as_i64(), r["monthly_cap"].as_i64()),
+        (Some(50), Some(50))
+    );
+    assert_eq!(r["usage_percent"], 100.0);
+    // Each alert once, at the 38th, the 45th and the 50th generation.
+    let got = decisions(&p, &site).await;
+    let alerts: Vec<(&str, &str)> = got
+        .iter()
+        .map(|(k, r)| (k.as_str(), r.split(' ').next().unwrap()))
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            ("cap_warning", "38"),
+            ("cap_critical", "45"),
+            ("blocked", "50")
+        ]
+    );
+
+    // The 51st generation is refused with the code the plugin shows.
+    let (status, body) = send(&p, &site, 50..51, 1, 100, |_| t0 + 500_000)
+        .await
+        .remove(0);
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"], "plan_limit_reached");
+    // Still refused on a resend; nothing counted.
+    let (status, _) = send(&p, &site, 50..51, 1, 100, |_| t0 + 500_000)
+        .await
+        .remove(0);
+    assert_eq!(status, 429);
+
+    // Upgrading the plan unblocks without waiting for an event.
+    assert_eq!(p.register(&site, "pro").await.0, 200);
+    wait_report(&p, &site, "the upgrade to unblock", |r| {
+        r["level"] == "ok" && r["plan"] == "pro"
+    })
+    .await;
+    let (status, body) = send(&p, &site, 50..51, 1, 100, |_| t0 + 500_000)
+        .await
+        .remove(0);
+    assert_eq!(status, 200, "{body}");
+    let kinds: Vec<String> = decisions(&p, &site)
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(kinds.contains(&"unblocked".to_string()), "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| *k == "cap_warning").count(), 1);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn duplicates_move_no_counter_and_a_restarted_processor_keeps_its_counts() {
+    let p = Pipeline::start(false).await;
+    let site = Site::new(5);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    let group = unique("group");
+    let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    let t0 = base(20);
+    let batch = |ids: std::ops::Range<u128>| {
+        site.batch(
+            ids.map(|i| {
+                event(
+                    i,
+                    &site.user_hash(1),
+                    "inline",
+                    "gpt-4o-mini",
+                    90,
+                    10,
+                    &iso(t0 + i as i64 * 1000),
+                )
+            })
+            .collect(),
+        )
+    };
+    assert_eq!(p.send(&site, batch(0..30)).await.0, 200);
+    wait_report(&p, &site, "30 requests in the window", |r| {
+        r["requests_left_in_window"] == 70
+    })
+    .await;
+
+    // The plugin resends the same batch twice: nothing moves.
+    assert_eq!(p.send(&site, batch(0..30)).await.0, 200);
+    assert_eq!(p.send(&site, batch(10..30)).await.0, 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = report(&p, &site).await;
+    assert_eq!(
+        (
+            r["requests_left_in_window"].as_i64(),
+            r["monthly_used"].as_i64()
+        ),
+        (Some(70), Some(30))
+    );
+
+    // Killed mid-window; the replacement rebuilds the window from ClickHouse.
+    first.kill().await;
+    let second = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    assert_eq!(p.send(&site, batch(30..40)).await.0, 200);
+    let r = wait_report(
+        &p,
+        &site,
+        "40 requests in the window after the restart",
+        |r| r["requests_left_in_window"] == 60,
+    )
+    .await;
+    assert_eq!(r["monthly_used"], 40);
+    second.kill().await;
+    p.stop().await;
+}
