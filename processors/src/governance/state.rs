@@ -349,6 +349,39 @@ mod tests {
     }
 
     #[test]
+    fn a_spike_far_above_the_trailing_day_is_flagged_once() {
+        let (mut g, p, c) = setup();
+        let hour = 3_600_000i64;
+        let start = T0 - 30 * hour;
+        // A quiet site: 2 requests an hour for 30 hours.
+        for h in 0..30 {
+            for k in 0..2 {
+                let t = start + h * hour + k * 600_000;
+                g.count(&c, t, 100);
+                let (s, d) = g.evaluate("i", "agency", 1, t, &p, &c);
+                assert!(!s.spike_flagged && d.is_empty(), "quiet hour {h}");
+            }
+        }
+        // Then 60 requests in 30 minutes: >= 10x the ~2/hour average and >= 50.
+        let mut flagged = vec![];
+        for k in 0..60 {
+            let t = T0 + k * 30_000;
+            g.count(&c, t, 100);
+            let (_, d) = g.evaluate("i", "agency", 100 + k as u64, t, &p, &c);
+            flagged.extend(
+                d.into_iter()
+                    .filter(|d| d.kind == "spike_flagged")
+                    .map(|_| k),
+            );
+        }
+        assert_eq!(
+            flagged,
+            [49],
+            "flagged once, at the 50th request of the hour"
+        );
+    }
+
+    #[test]
     fn a_replay_yields_the_same_states_and_decision_ids() {
         let run = || {
             let (mut g, p, c) = setup();
