@@ -4,8 +4,10 @@
 //! - `routes`: the HTTP surface; `handlers`: what each endpoint does;
 //! - `signature`: the legacy and v2 HMAC checks; `batch`: parsing and
 //!   per-event validation; `error`: the one error type and its HTTP mapping;
-//! - `registry`: the event-sourced installation registry (follower, commands,
-//!   secret sealing); `sink`: the Kafka writer.
+//! - `registry`: the event-sourced installation registry (commands, secret
+//!   sealing), followed from its topic by `usage_service_kit::follower`;
+//! - `governance`: enforcement of the processors' decisions (429s) and the
+//!   governance report; `sink`: the Kafka writer.
 
 pub mod batch;
 pub mod config;

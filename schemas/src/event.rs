@@ -1,10 +1,6 @@
 //! The usage event as it travels on the events topic.
 
-use std::sync::LazyLock;
-
 use serde::{Deserialize, Serialize};
-
-use crate::wire::{AvroRecord, Codec, SchemaHistory};
 
 /// One accepted generation. Field names and types mirror
 /// `schemas/avro/usage_event.v1.avsc`; timestamps are Unix milliseconds (UTC).
@@ -29,15 +25,4 @@ pub struct UsageEvent {
     pub gateway_instance: String,
 }
 
-static CODEC: LazyLock<Codec> = LazyLock::new(|| Codec::new(&UsageEvent::HISTORY));
-
-impl AvroRecord for UsageEvent {
-    const HISTORY: SchemaHistory = SchemaHistory {
-        subject: "UsageEvent",
-        versions: &[include_str!("../avro/usage_event.v1.avsc")],
-    };
-
-    fn codec() -> &'static Codec {
-        &CODEC
-    }
-}
+crate::avro_record!(UsageEvent, "UsageEvent", ["usage_event.v1.avsc"]);

@@ -1,11 +1,7 @@
 //! The governance records: the per-installation state on the compacted
 //! governance topic (enforced by every gateway) and the decisions history.
 
-use std::sync::LazyLock;
-
 use serde::{Deserialize, Serialize};
-
-use crate::wire::{AvroRecord, Codec, SchemaHistory};
 
 /// Mirrors `schemas/avro/governance_state.v1.avsc`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,27 +36,13 @@ pub struct GovernanceDecision {
     pub at: i64,
 }
 
-static STATE: LazyLock<Codec> = LazyLock::new(|| Codec::new(&GovernanceState::HISTORY));
-static DECISION: LazyLock<Codec> = LazyLock::new(|| Codec::new(&GovernanceDecision::HISTORY));
-
-impl AvroRecord for GovernanceState {
-    const HISTORY: SchemaHistory = SchemaHistory {
-        subject: "GovernanceState",
-        versions: &[include_str!("../avro/governance_state.v1.avsc")],
-    };
-
-    fn codec() -> &'static Codec {
-        &STATE
-    }
-}
-
-impl AvroRecord for GovernanceDecision {
-    const HISTORY: SchemaHistory = SchemaHistory {
-        subject: "GovernanceDecision",
-        versions: &[include_str!("../avro/governance_decision.v1.avsc")],
-    };
-
-    fn codec() -> &'static Codec {
-        &DECISION
-    }
-}
+crate::avro_record!(
+    GovernanceState,
+    "GovernanceState",
+    ["governance_state.v1.avsc"]
+);
+crate::avro_record!(
+    GovernanceDecision,
+    "GovernanceDecision",
+    ["governance_decision.v1.avsc"]
+);

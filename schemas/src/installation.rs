@@ -1,11 +1,7 @@
 //! The installation registry record as it travels on the compacted
 //! installations topic (key: install_id; a null value erases).
 
-use std::sync::LazyLock;
-
 use serde::{Deserialize, Serialize};
-
-use crate::wire::{AvroRecord, Codec, SchemaHistory};
 
 /// Mirrors `schemas/avro/installation.v1.avsc`; timestamps are Unix ms (UTC).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,15 +27,4 @@ pub struct Installation {
     pub revision: i64,
 }
 
-static CODEC: LazyLock<Codec> = LazyLock::new(|| Codec::new(&Installation::HISTORY));
-
-impl AvroRecord for Installation {
-    const HISTORY: SchemaHistory = SchemaHistory {
-        subject: "Installation",
-        versions: &[include_str!("../avro/installation.v1.avsc")],
-    };
-
-    fn codec() -> &'static Codec {
-        &CODEC
-    }
-}
+crate::avro_record!(Installation, "Installation", ["installation.v1.avsc"]);

@@ -72,6 +72,28 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     }
 }
 
+/// Declares a record type's schema history (oldest first, files under
+/// `schemas/avro/`) and its process-wide codec:
+/// `avro_record!(UsageEvent, "UsageEvent", ["usage_event.v1.avsc"]);`
+#[macro_export]
+macro_rules! avro_record {
+    ($ty:ty, $subject:literal, [$($file:literal),+ $(,)?]) => {
+        impl $crate::wire::AvroRecord for $ty {
+            const HISTORY: $crate::wire::SchemaHistory = $crate::wire::SchemaHistory {
+                subject: $subject,
+                versions: &[$(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/avro/", $file))),+],
+            };
+
+            fn codec() -> &'static $crate::wire::Codec {
+                static CODEC: std::sync::LazyLock<$crate::wire::Codec> = std::sync::LazyLock::new(|| {
+                    $crate::wire::Codec::new(&<$ty as $crate::wire::AvroRecord>::HISTORY)
+                });
+                &CODEC
+            }
+        }
+    };
+}
+
 /// Encoder for the current version and decoders for every known version of
 /// one subject. Schemas live for the whole process (built once per subject).
 pub struct Codec {
