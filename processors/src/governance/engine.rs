@@ -297,13 +297,15 @@ impl Engine {
         // Every accepted event's installation was registered on the registry
         // topic before the gateway accepted it, so the plans follower will
         // know it: wait for that rather than govern with a guessed plan.
+        // One deadline for the whole batch, so unknown installations (e.g.
+        // erased meanwhile) cannot stall it for long.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         for install in &installs {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while self.plans.plan(install).is_none() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if self.plans.plan(install).is_none() {
-                tracing::warn!(%install, "plan still unknown after 10 s; governing as free");
+                tracing::warn!(%install, "plan still unknown; governing with the default plan");
             }
         }
         let batch_ids: HashSet<&str> = fresh.iter().map(|e| e.event_id.as_str()).collect();
