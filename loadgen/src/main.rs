@@ -65,6 +65,11 @@ struct Args {
     /// Folder of `<component>.pid` files (./stack's .data/run) for peak RSS.
     #[arg(long)]
     pid_dir: Option<std::path::PathBuf>,
+    /// Decision-to-enforcement probes after the load: each fills a fresh
+    /// installation's rate-limit window with one batch of 100 events, then
+    /// times how long until the gateway answers 429 to the next request.
+    #[arg(long, default_value_t = 30)]
+    enforcement_probes: usize,
     /// Pause the processors (SIGSTOP, pid from --pid-dir) during the load, so
     /// the gateway phase measures ingest alone; they resume (SIGCONT) for the
     /// drain phase, which then measures the processors alone.
@@ -576,6 +581,39 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    let mut enforcement = Vec::new();
+    for n in 0..args.enforcement_probes {
+        let site = new_site(&verifier, 2_000_000 + n);
+        register(&client, &args, &site).await?;
+        let t0 = chrono::Utc::now().timestamp_millis() - 60_000;
+        let full = json!({
+            "install_id": site.install_id, "account_id": site.account_id,
+            "events": (0..100).map(|i| json!({
+                "event_id": format!("evt_{}", uuid::Uuid::new_v4().simple()),
+                "wp_user_id_hash": site.users[0], "source": "bulk", "model": "gpt-4o-mini",
+                "prompt_tokens": 90, "completion_tokens": 10, "total_tokens": 100,
+                "created_at": chrono::DateTime::from_timestamp_millis(t0 + i * 50).unwrap_or_default().to_rfc3339(),
+            })).collect::<Vec<_>>(),
+        });
+        if post(&client, &args, &site, serde_json::to_vec(&full)?).await? != 200 {
+            bail!("an enforcement probe's first batch was refused");
+        }
+        let accepted = Instant::now();
+        loop {
+            let (one, _) = batch(&site, &mut rng, 1, 0.0, |_| {
+                format!("{}", uuid::Uuid::new_v4().simple())
+            });
+            if post(&client, &args, &site, one).await? == 429 {
+                enforcement.push(accepted.elapsed().as_micros() as u64);
+                break;
+            }
+            if accepted.elapsed() > Duration::from_secs(30) {
+                bail!("the rate limit was never enforced");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     let bare = match &args.bare_kafka {
         Some(brokers) => Some(report::bare_producer(brokers, load_secs.min(10.0)).await?),
         None => None,
@@ -595,6 +633,7 @@ async fn main() -> anyhow::Result<()> {
         distinct_events: distinct,
         latencies_us: &mut latencies,
         freshness_us: &mut freshness,
+        enforcement_us: &mut enforcement,
         drained_at,
         processor_inserted: processor_inserted(&client, &args).await - inserted_before,
         bare,

@@ -20,6 +20,7 @@ pub struct Figures<'a> {
     pub distinct_events: u64,
     pub latencies_us: &'a mut Vec<u64>,
     pub freshness_us: &'a mut Vec<u64>,
+    pub enforcement_us: &'a mut Vec<u64>,
     pub drained_at: Option<f64>,
     pub processor_inserted: u64,
     pub bare: Option<f64>,
@@ -79,6 +80,20 @@ pub fn print(f: &Figures<'_>) {
         pct(&fresh, 0.99),
         fresh.len()
     );
+    let enforce = {
+        let mut v = f.enforcement_us.clone();
+        v.sort_unstable();
+        v
+    };
+    if !enforce.is_empty() {
+        println!(
+            "governance: limit crossed -> gateway answers 429 p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} probes)",
+            pct(&enforce, 0.50),
+            pct(&enforce, 0.99),
+            pct(&enforce, 1.0),
+            enforce.len()
+        );
+    }
     if let Some(bare) = f.bare {
         println!(
             "ceiling:    bare rdkafka producer {:.0} events/s (same Avro bytes and settings); gateway = {:.0}% of it",
