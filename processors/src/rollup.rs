@@ -123,10 +123,15 @@ pub async fn flush(
         .collect();
 
     let stored = stored_ids(client, &unique.iter().map(|(_, e)| *e).collect::<Vec<_>>()).await?;
+    // Borrowed keys: no allocation per event to test membership.
+    let stored: HashSet<(&str, &str)> = stored
+        .iter()
+        .map(|(i, e)| (i.as_str(), e.as_str()))
+        .collect();
     let (fresh_idx, fresh): (Vec<usize>, Vec<&UsageEvent>) = unique
         .iter()
         .copied()
-        .filter(|(_, e)| !stored.contains(&(e.install_id.clone(), e.event_id.clone())))
+        .filter(|(_, e)| !stored.contains(&(e.install_id.as_str(), e.event_id.as_str())))
         .unzip();
     report.already_stored = unique.len() - fresh.len();
     report.fresh = fresh_idx;

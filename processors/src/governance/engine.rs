@@ -284,12 +284,16 @@ impl Engine {
             return Ok(());
         }
         let fresh: Vec<&UsageEvent> = fresh.iter().filter_map(|i| events.get(*i)).collect();
+        // Each installation's events, in topic order, grouped once.
         let mut installs: Vec<&str> = Vec::new();
+        let mut by_install: HashMap<&str, Vec<&UsageEvent>> = HashMap::new();
         let mut batch_months: BTreeMap<(String, String), u64> = BTreeMap::new();
         for e in &fresh {
-            if !installs.contains(&e.install_id.as_str()) {
+            let events_of = by_install.entry(e.install_id.as_str()).or_default();
+            if events_of.is_empty() {
                 installs.push(&e.install_id);
             }
+            events_of.push(e);
             *batch_months
                 .entry((e.install_id.clone(), month_key(e.created_at)))
                 .or_default() += 1;
@@ -324,7 +328,7 @@ impl Engine {
                 continue;
             };
             let mut last = None;
-            for e in fresh.iter().filter(|e| e.install_id == install) {
+            for e in by_install.get(install).into_iter().flatten() {
                 let tokens = u64::try_from(e.total_tokens).unwrap_or_default();
                 if state.count(&self.windows, e.created_at, tokens) == Applied::TooLate {
                     if let Some(c) = &self.metrics.too_late {
