@@ -47,6 +47,9 @@ impl KafkaSink {
             // from internal retries, per-partition order kept.
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            // Pinned: the processors compute an installation's partition
+            // from it (`partition_for_key`), and its events stay in order.
+            .set("partitioner", "consistent_random")
             // Concurrent requests share broker round trips.
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")

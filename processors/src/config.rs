@@ -58,6 +58,11 @@ pub struct Config {
     /// rate-limit and abuse windows.
     #[arg(long, env = "USAGE_GOVERNANCE_GRACE_MS", default_value_t = 60_000)]
     pub governance_grace_ms: i64,
+    /// An installation with no new event for this long (seconds, wall
+    /// clock) leaves the governance state in memory; its next event
+    /// rebuilds it from ClickHouse with the same counts.
+    #[arg(long, env = "USAGE_GOVERNANCE_IDLE_SECS", default_value_t = 1800)]
+    pub governance_idle_secs: u64,
     /// TEST ONLY: abort right after the N-th batch reached ClickHouse, before
     /// its offsets are committed (proves redelivery counts nothing twice).
     #[arg(long, env = "USAGE_PROCESSORS_CRASH_AFTER_FLUSH", hide = true)]

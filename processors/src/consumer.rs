@@ -9,11 +9,14 @@
 //! message must not stop billing for everyone).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use usage_schemas::wire::AvroRecord;
 use usage_schemas::UsageEvent;
@@ -22,6 +25,62 @@ use crate::governance::engine::Engine;
 use crate::metrics::ProcessorMetrics;
 use crate::pricing::PriceTable;
 use crate::rollup::{self, FlushReport};
+
+/// Notes rebalances: on a revocation, governance state the next owner may
+/// change is dropped before this instance governs again; on an assignment,
+/// the new owner catches up with plan changes nobody acted on meanwhile.
+#[derive(Clone, Default)]
+pub struct RebalanceWatch {
+    revoked: Arc<AtomicBool>,
+    assigned: Arc<AtomicBool>,
+}
+
+impl RebalanceWatch {
+    /// True once after every revocation.
+    fn take_revoked(&self) -> bool {
+        self.revoked.swap(false, Ordering::SeqCst)
+    }
+
+    /// True once after every assignment.
+    fn take_assigned(&self) -> bool {
+        self.assigned.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl ClientContext for RebalanceWatch {}
+
+impl ConsumerContext for RebalanceWatch {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if matches!(rebalance, Rebalance::Revoke(_)) {
+            self.revoked.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if matches!(rebalance, Rebalance::Assign(_)) {
+            self.assigned.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Which installations this instance owns: its assigned partitions of the
+/// events topic and the topic's partition count.
+struct Ownership {
+    assigned: std::collections::HashSet<i32>,
+    partitions: i32,
+}
+
+impl Ownership {
+    fn owns(&self, install_id: &str) -> bool {
+        self.assigned
+            .contains(&usage_service_kit::kafka::partition_for_key(
+                install_id.as_bytes(),
+                self.partitions,
+            ))
+    }
+}
+
+pub type EventsStream = StreamConsumer<RebalanceWatch>;
 
 #[derive(Debug, Clone)]
 pub struct BatchLimits {
@@ -36,7 +95,7 @@ pub struct BatchLimits {
 pub struct CrashAfterFlush(pub Option<u64>);
 
 pub struct EventsConsumer {
-    pub consumer: StreamConsumer,
+    pub consumer: EventsStream,
     pub topic: String,
     pub clickhouse: clickhouse::Client,
     pub prices: Arc<RwLock<PriceTable>>,
@@ -63,6 +122,9 @@ impl EventsConsumer {
             let Some(batch) = self.collect(&mut shutdown).await else {
                 return;
             };
+            if self.consumer.context().take_revoked() {
+                self.governance.forget_all();
+            }
             if !batch.events.is_empty() {
                 let Some(report) = self.write(&batch.events, &mut shutdown).await else {
                     return;
@@ -78,9 +140,17 @@ impl EventsConsumer {
                     return;
                 }
             }
-            for install in &batch.plan_changes {
-                if let Err(err) = self.governance.on_plan_change(install).await {
-                    tracing::warn!(%err, %install, "re-evaluation after a plan change failed");
+            let mut plan_changes = batch.plan_changes;
+            if self.consumer.context().take_assigned() {
+                plan_changes.extend(self.governance.plans_not_yet_applied());
+            }
+            if !plan_changes.is_empty() {
+                let ownership = self.ownership();
+                for install in &plan_changes {
+                    let owned = ownership.as_ref().is_some_and(|o| o.owns(install));
+                    if let Err(err) = self.governance.on_plan_change(install, owned).await {
+                        tracing::warn!(%err, %install, "re-evaluation after a plan change failed");
+                    }
                 }
             }
             if !batch.offsets.is_empty() {
@@ -90,6 +160,34 @@ impl EventsConsumer {
                 return;
             }
         }
+    }
+
+    /// The partitions this instance owns now. Plan changes and rebalances
+    /// are rare: the metadata call is cheap enough there.
+    fn ownership(&self) -> Option<Ownership> {
+        let assigned = self.consumer.assignment().ok()?;
+        let partitions = match self
+            .consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(2))
+        {
+            Ok(m) => m
+                .topics()
+                .iter()
+                .find(|t| t.name() == self.topic)
+                .map_or(0, |t| t.partitions().len()),
+            Err(err) => {
+                tracing::warn!(%err, "cannot read the events topic's partition count");
+                return None;
+            }
+        };
+        Some(Ownership {
+            assigned: assigned
+                .elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect(),
+            partitions: i32::try_from(partitions).unwrap_or(i32::MAX),
+        })
     }
 
     /// Counts the batch's fresh events in governance and publishes, retrying
@@ -149,6 +247,9 @@ impl EventsConsumer {
                     if let Ok(assigned) = self.consumer.assignment() {
                         self.metrics.assigned_partitions.set(assigned.count() as i64);
                     }
+                    // Here, not after batches: idle installations are the
+                    // ones no batch comes for.
+                    self.governance.evict_idle();
                 }
                 received = self.consumer.recv() => {
                     let msg = match received {

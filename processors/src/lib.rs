@@ -36,8 +36,13 @@ pub struct Processors {
     tasks: Vec<JoinHandle<()>>,
 }
 
-fn consumer(config: &Config, group: &str, topic: &str) -> Result<StreamConsumer, ProcessorError> {
-    let consumer: StreamConsumer = config
+fn consumer<C: rdkafka::consumer::ConsumerContext + 'static>(
+    config: &Config,
+    group: &str,
+    topic: &str,
+    context: C,
+) -> Result<StreamConsumer<C>, ProcessorError> {
+    let consumer: StreamConsumer<C> = config
         .kafka
         .client_config()
         .set("group.id", group)
@@ -53,7 +58,7 @@ fn consumer(config: &Config, group: &str, topic: &str) -> Result<StreamConsumer,
         .set("fetch.wait.max.ms", "50")
         // Prefetch at most ~16 MiB: enough for full batches, bounded RSS.
         .set("queued.max.messages.kbytes", "16384")
-        .create()
+        .create_with_context(context)
         .map_err(|e| ProcessorError::Startup(format!("Kafka consumer: {e}")))?;
     consumer
         .subscribe(&[topic])
@@ -127,11 +132,17 @@ impl Service for Processors {
             }
         };
         tracing::info!(?policy, "governance policy");
-        let (plans, plan_changes) = governance::engine::Plans::new();
+        let (plans, plan_changes) = governance::tables::Plans::new();
         let plans_task = tokio::spawn(usage_service_kit::follower::follow(
             plans.clone(),
             config.kafka.clone(),
             config.kafka.installations_topic.clone(),
+        ));
+        let published = Arc::new(governance::tables::Published::default());
+        let published_task = tokio::spawn(usage_service_kit::follower::follow(
+            published.clone(),
+            config.kafka.clone(),
+            config.kafka.governance_topic.clone(),
         ));
         let governance_producer: rdkafka::producer::FutureProducer = config
             .kafka
@@ -142,20 +153,27 @@ impl Service for Processors {
             .create()
             .map_err(|e| ProcessorError::Startup(format!("Kafka producer: {e}")))?;
         let processor_metrics = metrics::ProcessorMetrics::register(&metrics);
-        let engine = governance::engine::Engine::new(
+        let engine = governance::engine::Engine::new(governance::engine::EngineSetup {
             policy,
-            governance::window::WindowConfig {
+            windows: governance::window::WindowConfig {
                 grace_ms: config.governance_grace_ms,
                 ..Default::default()
             },
-            plans.clone(),
-            governance_producer,
-            config.kafka.clone(),
-            clickhouse.clone(),
-            processor_metrics.governance.clone(),
-        );
+            idle_after: Duration::from_secs(config.governance_idle_secs),
+            plans: plans.clone(),
+            published: published.clone(),
+            producer: governance_producer,
+            kafka: config.kafka.clone(),
+            clickhouse: clickhouse.clone(),
+            metrics: processor_metrics.governance.clone(),
+        });
         let events = EventsConsumer {
-            consumer: consumer(&config, &config.group, &config.kafka.events_topic)?,
+            consumer: consumer(
+                &config,
+                &config.group,
+                &config.kafka.events_topic,
+                consumer::RebalanceWatch::default(),
+            )?,
             topic: config.kafka.events_topic.clone(),
             clickhouse: clickhouse.clone(),
             prices,
@@ -171,9 +189,11 @@ impl Service for Processors {
         let mut events_shutdown = shutdown_rx.clone();
         let events_task = tokio::spawn(async move {
             // No event is priced before the price table is known, nor
-            // governed before every installation's plan is.
+            // governed before every installation's plan and last published
+            // state are.
             let plans_known = async {
-                while !usage_service_kit::follower::Table::is_caught_up(&*plans) {
+                use usage_service_kit::follower::Table;
+                while !plans.is_caught_up() || !published.is_caught_up() {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             };
@@ -194,6 +214,7 @@ impl Service for Processors {
                 &config,
                 &format!("{}-installations", config.group),
                 &config.kafka.installations_topic,
+                rdkafka::consumer::DefaultConsumerContext,
             )?,
             clickhouse,
             shutdown_rx,
@@ -216,6 +237,7 @@ impl Service for Processors {
                 topics,
                 price_task,
                 plans_task,
+                published_task,
             ],
         })
     }

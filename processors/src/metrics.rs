@@ -95,6 +95,11 @@ impl ProcessorMetrics {
                     metrics.register(Box::new(g.clone()));
                     g
                 }),
+                evicted: Some(counter(
+                    metrics,
+                    "governance_installations_evicted_total",
+                    "idle installations whose state left memory (rebuilt on their next event)",
+                )),
             },
         }
     }

@@ -67,6 +67,16 @@ pub struct KafkaArgs {
     pub replication: i32,
 }
 
+/// The partition of a keyed record under librdkafka's `consistent_random`
+/// partitioner (CRC-32/IEEE of the key, modulo the partition count), which
+/// the gateway pins. The processors use it to know which installations the
+/// partitions assigned to them own.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    let n = u32::try_from(partitions.max(1)).unwrap_or(1);
+    // The remainder is below `partitions`, so it fits an i32.
+    (crc32fast::hash(key) % n) as i32
+}
+
 impl KafkaArgs {
     /// The client settings every producer/consumer/admin starts from.
     pub fn client_config(&self) -> ClientConfig {

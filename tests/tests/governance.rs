@@ -328,3 +328,220 @@ async fn duplicates_move_no_counter_and_a_restarted_processor_keeps_its_counts()
     second.kill().await;
     p.stop().await;
 }
+
+/// Decision kinds of an installation, in event-time order.
+async fn kinds(p: &Pipeline, site: &Site) -> Vec<String> {
+    decisions(p, site)
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+async fn wait_metric(process: &ProcessorProcess, name: &str, ok: impl Fn(u64) -> bool) {
+    eventually(name, Duration::from_secs(30), || async {
+        ok(process.metric(name).await).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_installation_leaves_memory_and_comes_back_with_the_same_counts() {
+    let p = Pipeline::start(false).await;
+    let site = Site::new(6);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    let processor = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &unique("group"),
+        &["--governance-idle-secs", "1"],
+    );
+    let t0 = base(20);
+    for (status, body) in send(&p, &site, 0..60, 30, 100, |i| t0 + i as i64 * 1000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_report(&p, &site, "60 requests in the window", |r| {
+        r["requests_left_in_window"] == 40
+    })
+    .await;
+    // Idle for a second: its state leaves memory.
+    wait_metric(
+        &processor,
+        "usage_governance_installations_evicted_total",
+        |n| n >= 1,
+    )
+    .await;
+    wait_metric(&processor, "usage_governance_installations{", |n| n == 0).await;
+
+    // Its next events rebuild it from ClickHouse: the window still holds the
+    // first 60, so the 100th fills it and the 101st is refused.
+    for (status, body) in send(&p, &site, 60..100, 40, 100, |i| t0 + i as i64 * 1000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let r = wait_report(&p, &site, "the full window", |r| {
+        r["requests_left_in_window"] == 0
+    })
+    .await;
+    assert_eq!(r["monthly_used"], 100);
+    let (status, body) = send(&p, &site, 100..101, 1, 100, |_| t0 + 100_000)
+        .await
+        .remove(0);
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(kinds(&p, &site).await, ["rate_limited"]);
+    processor.kill().await;
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn an_upgrade_unblocks_a_site_whose_processor_restarted_since_the_block() {
+    let p = Pipeline::start(false).await;
+    let site = Site::new(7);
+    assert_eq!(p.register(&site, "free").await.0, 201);
+    let group = unique("group");
+    let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    let t0 = base(10);
+    for (status, body) in send(&p, &site, 0..50, 25, 100, |i| t0 + i as i64 * 10_000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_report(&p, &site, "the block", |r| r["level"] == "blocked").await;
+    // A blocked site sends nothing the gateway accepts, so the restarted
+    // processor never sees it again: the upgrade alone must unblock it.
+    first.kill().await;
+    let second = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    wait_metric(&second, "usage_processor_assigned_partitions", |n| n == 4).await;
+    assert_eq!(p.register(&site, "pro").await.0, 200);
+    let r = wait_report(&p, &site, "the upgrade to unblock", |r| {
+        r["level"] == "ok" && r["plan"] == "pro"
+    })
+    .await;
+    assert_eq!(r["monthly_used"], 50);
+    assert_eq!(
+        kinds(&p, &site).await,
+        ["cap_warning", "cap_critical", "blocked", "unblocked"]
+    );
+    second.kill().await;
+    p.stop().await;
+}
+
+/// Every decision of the pipeline's database, as stored.
+async fn all_decisions(
+    clickhouse: &usage_service_kit::clickhouse::ClickHouseArgs,
+) -> Vec<(String, String, String, String, i64)> {
+    clickhouse
+        .client()
+        .query(
+            "SELECT decision_id, install_id, kind, reason, toUnixTimestamp64Milli(at)
+             FROM governance_decisions FINAL ORDER BY install_id, at, kind",
+        )
+        .fetch_all()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
+    let p = Pipeline::start(true).await;
+    let (limited, abusive, capped) = (Site::new(8), Site::new(9), Site::new(10));
+    assert_eq!(p.register(&limited, "agency").await.0, 201);
+    assert_eq!(p.register(&abusive, "agency").await.0, 201);
+    assert_eq!(p.register(&capped, "free").await.0, 201);
+    let t0 = base(59);
+    // 100 requests in 100 s, then 10 more the gateway refuses.
+    send(&p, &limited, 0..110, 10, 100, |i| t0 + i as i64 * 1000).await;
+    // 200 requests over 50 minutes.
+    send(&p, &abusive, 0..200, 50, 100, |i| t0 + i as i64 * 15_000).await;
+    // 60 generations on the free plan: the last 10 refused.
+    send(&p, &capped, 0..60, 5, 100, |i| t0 + i as i64 * 20_000).await;
+    wait_report(&p, &capped, "the block", |r| r["level"] == "blocked").await;
+    wait_report(&p, &abusive, "the abuse flag", |r| {
+        r["abuse_flagged"] == true
+    })
+    .await;
+    let original = eventually("every decision stored", Duration::from_secs(30), || async {
+        let d = all_decisions(&p.clickhouse).await;
+        (d.len() == 5).then_some(d)
+    })
+    .await;
+    let kinds_of = |d: &[(String, String, String, String, i64)], site: &Site| -> Vec<String> {
+        d.iter()
+            .filter(|r| r.1 == site.install_id)
+            .map(|r| r.2.clone())
+            .collect()
+    };
+    assert_eq!(kinds_of(&original, &limited), ["rate_limited"]);
+    assert_eq!(kinds_of(&original, &abusive), ["abuse_flagged"]);
+    assert_eq!(
+        kinds_of(&original, &capped),
+        ["cap_warning", "cap_critical", "blocked"]
+    );
+
+    // Ops rebuild everything: a new database, a new consumer group reading
+    // the events topic from the start, with another batch size.
+    let rebuilt = usage_e2e::migrated_database().await;
+    let replay = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &rebuilt,
+        &unique("replay"),
+        &["--batch-events", "7"],
+    );
+    // Until it has caught up (then compared, so a difference shows in full).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut replayed = all_decisions(&rebuilt).await;
+    while replayed != original && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        replayed = all_decisions(&rebuilt).await;
+    }
+    assert_eq!(replayed, original);
+    let sums = |c: &usage_service_kit::clickhouse::ClickHouseArgs| {
+        let c = c.client();
+        async move {
+            c.query("SELECT install_id, sum(requests), sum(total_tokens) FROM usage_daily FINAL GROUP BY install_id ORDER BY install_id")
+                .fetch_all::<(String, u64, u64)>()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(sums(&rebuilt).await, sums(&p.clickhouse).await);
+    replay.kill().await;
+    usage_e2e::drop_database(&rebuilt).await;
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_processor_keeps_the_spike_baseline() {
+    let p = Pipeline::start(false).await;
+    let site = Site::new(11);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    let group = unique("group");
+    let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    let now = chrono::Utc::now().timestamp_millis();
+    // A quiet day: 2 generations an hour for 25 hours...
+    let start = now - 27 * 3_600_000;
+    for (status, body) in send(&p, &site, 0..50, 25, 100, |i| start + i as i64 * 1_800_000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    eventually("the quiet day counted", Duration::from_secs(30), || async {
+        let (requests, _) = p.raw_totals(&site).await;
+        (requests == 50).then_some(())
+    })
+    .await;
+    // ...then the processor restarts, and knows that day only from ClickHouse.
+    first.kill().await;
+    let second = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    // 60 in the last half hour: 30 times the baseline, no fixed limit reached.
+    let burst = now - 30 * 60_000;
+    for (status, body) in send(&p, &site, 50..110, 20, 100, |i| {
+        burst + (i as i64 - 50) * 30_000
+    })
+    .await
+    {
+        assert_eq!(status, 200, "{body}");
+    }
+    let r = wait_report(&p, &site, "the spike flag", |r| r["spike_flagged"] == true).await;
+    assert_eq!(r["abuse_flagged"], false);
+    assert_eq!(kinds(&p, &site).await, ["spike_flagged"]);
+    second.kill().await;
+    p.stop().await;
+}

@@ -142,3 +142,33 @@ async fn topics_are_created_with_the_configured_partitions_and_compaction() {
     let policy = resource.get("cleanup.policy").and_then(|e| e.value.clone());
     assert_eq!(policy.as_deref(), Some("compact"));
 }
+
+#[tokio::test]
+async fn the_gateway_producer_puts_each_installation_where_the_processors_expect_it() {
+    let kafka = kafka_args();
+    require_kafka(&kafka).await;
+    kafka.ensure_topics().await.expect("topics created");
+    let sink = usage_ingest::sink::KafkaSink::new(&kafka, Duration::from_secs(10)).unwrap();
+    // 100 keys over 4 partitions: a different hash would disagree somewhere.
+    for install in 0..100 {
+        let e = event(install, install);
+        let payload = e.to_wire().unwrap();
+        let record = FutureRecord::to(&kafka.events_topic)
+            .key(&e.install_id)
+            .payload(&payload);
+        let delivered = sink
+            .producer()
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("Kafka acknowledged the event");
+        assert_eq!(
+            delivered.partition,
+            usage_service_kit::kafka::partition_for_key(
+                e.install_id.as_bytes(),
+                kafka.events_partitions
+            ),
+            "{}",
+            e.install_id
+        );
+    }
+}

@@ -4,9 +4,17 @@
 //! - Only events stored for the first time (`FlushReport::fresh`) are counted:
 //!   retries, redeliveries and replays move no counter.
 //! - An installation's state is built on first sight from ClickHouse (its raw
-//!   events of the last hour and grace, in arrival order, and today's cap
-//!   alerts), so after a restart or a partition move the new owner resumes
-//!   with the counts it would have had.
+//!   events of the last hour and grace in arrival order, its hourly counts of
+//!   the spike baseline, its first event, today's cap alerts, and its state
+//!   after the last stored event), so after a restart, a partition move or
+//!   an eviction the owner resumes with the counts it would have had.
+//! - The governance topic, followed by every instance, tells what was last
+//!   published (nothing unchanged is published again) and what a plan
+//!   change re-evaluates.
+//! - State is dropped when the consumer's partitions are revoked (the next
+//!   owner rebuilds it; if they come back, so do we) and when an
+//!   installation has been idle for `idle_after`: memory holds the active
+//!   installations only.
 //! - The monthly cap uses the exact monthly rollup: the count after the
 //!   batch, minus the batch's own events, plus one per event as they are
 //!   evaluated in order.
@@ -15,82 +23,22 @@
 //!   batch's offsets are committed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
 use clickhouse::{Client, Row};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use usage_schemas::wire::AvroRecord;
-use usage_schemas::{Installation as RegistryRecord, UsageEvent};
-use usage_service_kit::follower::Table;
+use usage_schemas::UsageEvent;
 use usage_service_kit::kafka::KafkaArgs;
 
 use super::policy::{Level, Policy};
-use super::state::{Decision, GovernanceState, Installation};
+use super::state::{Decision, GovernanceState, Installation, BASELINE_HOURS, HOUR_MS};
+use super::tables::{Plans, Published};
 use super::window::{Applied, WindowConfig};
-
-/// Every installation's plan, followed from the registry topic by every
-/// processor instance; plan changes are sent to the engine to re-evaluate.
-pub struct Plans {
-    plans: RwLock<HashMap<String, String>>,
-    changes: tokio::sync::mpsc::UnboundedSender<String>,
-    caught_up: std::sync::atomic::AtomicBool,
-}
-
-impl Plans {
-    pub fn new() -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<String>) {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        (
-            Arc::new(Self {
-                plans: RwLock::default(),
-                changes: tx,
-                caught_up: Default::default(),
-            }),
-            rx,
-        )
-    }
-
-    pub fn plan(&self, install_id: &str) -> Option<String> {
-        self.plans
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(install_id)
-            .cloned()
-    }
-}
-
-impl Table for Plans {
-    fn apply(&self, key: Option<&[u8]>, value: Option<&[u8]>) {
-        let Some(record) = value.and_then(|v| RegistryRecord::from_wire(v).ok()) else {
-            if let Some(id) = key.and_then(|k| std::str::from_utf8(k).ok()) {
-                self.plans
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
-            }
-            return;
-        };
-        let previous = self
-            .plans
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(record.install_id.clone(), record.plan.clone());
-        if previous.as_deref() != Some(record.plan.as_str()) {
-            let _ = self.changes.send(record.install_id);
-        }
-    }
-
-    fn caught_up(&self) {
-        self.caught_up
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn is_caught_up(&self) -> bool {
-        self.caught_up.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -123,20 +71,35 @@ pub struct GovernanceMetrics {
     pub too_late: Option<prometheus::IntCounter>,
     pub decisions: Option<prometheus::IntCounter>,
     pub installations: Option<prometheus::IntGauge>,
+    pub evicted: Option<prometheus::IntCounter>,
 }
 
-pub struct Engine {
+/// What an engine is made of.
+pub struct EngineSetup {
     pub policy: Policy,
     pub windows: WindowConfig,
+    /// An installation with no fresh event for this long leaves memory.
+    pub idle_after: Duration,
     pub plans: Arc<Plans>,
+    pub published: Arc<Published>,
     pub producer: FutureProducer,
     pub kafka: KafkaArgs,
     pub clickhouse: Client,
     pub metrics: GovernanceMetrics,
-    installs: HashMap<String, Installation>,
-    published: HashMap<String, GovernanceState>,
+}
+
+/// One installation's state in memory and when a batch last touched it.
+struct Held {
+    state: Installation,
+    touched: Instant,
+}
+
+pub struct Engine {
+    setup: EngineSetup,
+    installs: HashMap<String, Held>,
     /// What the last batch decided but could not publish yet.
     unpublished: Option<(Vec<GovernanceState>, Vec<Decision>)>,
+    last_sweep: Instant,
 }
 
 fn month_key(ms: i64) -> String {
@@ -146,31 +109,13 @@ fn month_key(ms: i64) -> String {
     format!("{:04}-{:02}-01", d.year(), d.month())
 }
 
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
-}
-
 impl Engine {
-    pub fn new(
-        policy: Policy,
-        windows: WindowConfig,
-        plans: Arc<Plans>,
-        producer: FutureProducer,
-        kafka: KafkaArgs,
-        clickhouse: Client,
-        metrics: GovernanceMetrics,
-    ) -> Self {
+    pub fn new(setup: EngineSetup) -> Self {
         Self {
-            policy,
-            windows,
-            plans,
-            producer,
-            kafka,
-            clickhouse,
-            metrics,
+            setup,
             installs: HashMap::new(),
-            published: HashMap::new(),
             unpublished: None,
+            last_sweep: Instant::now(),
         }
     }
 
@@ -180,59 +125,162 @@ impl Engine {
     }
 
     fn plan_of(&self, install_id: &str) -> String {
-        self.plans.plan(install_id).unwrap_or_else(|| "free".into())
+        self.setup
+            .plans
+            .plan(install_id)
+            .unwrap_or_else(|| "free".into())
     }
 
-    /// Builds the state of installations seen for the first time since start,
-    /// from what ClickHouse already holds (minus this batch's own events).
+    fn report_size(&self) {
+        if let Some(g) = &self.setup.metrics.installations {
+            g.set(self.installs.len() as i64);
+        }
+    }
+
+    /// Drops every installation's state: the consumer's partitions were
+    /// revoked, and whoever owns them next may count events we never see.
+    pub fn forget_all(&mut self) {
+        if !self.installs.is_empty() {
+            tracing::info!(
+                installations = self.installs.len(),
+                "partitions revoked: governance state dropped, rebuilt on next sight"
+            );
+        }
+        self.installs.clear();
+        self.report_size();
+    }
+
+    /// Drops the state of installations idle for `idle_after` (looked at
+    /// most every few seconds). Rebuilding them later gives the same counts.
+    pub fn evict_idle(&mut self) {
+        let every =
+            (self.setup.idle_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        if self.last_sweep.elapsed() < every {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        let before = self.installs.len();
+        let idle_after = self.setup.idle_after;
+        self.installs
+            .retain(|_, held| held.touched.elapsed() < idle_after);
+        let evicted = before - self.installs.len();
+        if evicted > 0 {
+            tracing::debug!(evicted, "idle installations left memory");
+            if let Some(c) = &self.setup.metrics.evicted {
+                c.inc_by(evicted as u64);
+            }
+        }
+        self.report_size();
+    }
+
+    /// Builds the state of installations not in memory (first sight since
+    /// start, a rebalance or an eviction) from what ClickHouse already holds,
+    /// minus this batch's own events (`batch`), which the caller counts.
     async fn rebuild(
         &mut self,
         installs: &[&str],
-        batch_ids: &HashSet<&str>,
+        batch: &HashMap<&str, Vec<&UsageEvent>>,
         since: i64,
     ) -> Result<(), EngineError> {
-        let new: Vec<&str> = installs
+        let new: Vec<String> = installs
             .iter()
-            .copied()
-            .filter(|i| !self.installs.contains_key(*i))
+            .filter(|i| !self.installs.contains_key(**i))
+            .map(|i| i.to_string())
             .collect();
         if new.is_empty() {
             return Ok(());
         }
-        let list = new.iter().map(|i| quote(i)).collect::<Vec<_>>().join(",");
-        let rows: Vec<RawCount> = self
-            .clickhouse
-            .query(&format!(
+        let ch = &self.setup.clickhouse;
+        let rows: Vec<RawCount> = ch
+            .query(
                 "SELECT install_id, event_id, toUnixTimestamp64Milli(created_at) AS created_at, total_tokens
                  FROM usage_events FINAL
-                 WHERE install_id IN ({list}) AND created_at >= fromUnixTimestamp64Milli(toInt64(?))
-                 ORDER BY install_id, received_at, created_at, event_id"
-            ))
-            .bind(since)
+                 WHERE install_id IN {ids:Array(String)} AND created_at >= fromUnixTimestamp64Milli({since:Int64})
+                 ORDER BY install_id, received_at, created_at, event_id",
+            )
+            .param("ids", &new)
+            .param("since", since)
             .fetch_all()
             .await?;
-        let alerts: Vec<(String, String, i64)> = self
-            .clickhouse
-            .query(&format!(
+        let baseline_since = since.div_euclid(HOUR_MS) * HOUR_MS - (BASELINE_HOURS + 1) * HOUR_MS;
+        let hourly: Vec<(String, i64, u64)> = ch
+            .query(
+                "SELECT install_id, toInt64(toUnixTimestamp(toStartOfHour(created_at))) * 1000 AS hour, count()
+                 FROM usage_events FINAL
+                 WHERE install_id IN {ids:Array(String)} AND created_at >= fromUnixTimestamp64Milli({since:Int64})
+                 GROUP BY install_id, hour",
+            )
+            .param("ids", &new)
+            .param("since", baseline_since)
+            .fetch_all()
+            .await?;
+        // The first event: read from the raw events of the installation's
+        // first day (cheap: the sorting key starts with install_id and day),
+        // or that day's start once raw events have expired.
+        let first_days: Vec<(String, i64)> = ch
+            .query(
+                "SELECT install_id, toInt64(toUnixTimestamp(toDateTime(min(date)))) * 1000
+                 FROM usage_daily WHERE install_id IN {ids:Array(String)} GROUP BY install_id",
+            )
+            .param("ids", &new)
+            .fetch_all()
+            .await?;
+        let first_events: Vec<(String, i64)> = ch
+            .query(
+                "SELECT install_id, toUnixTimestamp64Milli(min(created_at)) FROM usage_events
+                 WHERE install_id IN {ids:Array(String)}
+                   AND (install_id, toDate(created_at)) IN
+                       (SELECT install_id, min(date) FROM usage_daily
+                        WHERE install_id IN {ids:Array(String)} GROUP BY install_id)
+                 GROUP BY install_id",
+            )
+            .param("ids", &new)
+            .fetch_all()
+            .await?;
+        let alerts: Vec<(String, String, i64)> = ch
+            .query(
                 "SELECT install_id, kind, toUnixTimestamp64Milli(at) FROM governance_decisions FINAL
-                 WHERE install_id IN ({list}) AND kind IN ('cap_warning', 'cap_critical', 'blocked')
-                   AND at >= now64(3) - INTERVAL 2 DAY"
-            ))
+                 WHERE install_id IN {ids:Array(String)} AND kind IN ('cap_warning', 'cap_critical', 'blocked')
+                   AND at >= now64(3) - INTERVAL 2 DAY",
+            )
+            .param("ids", &new)
             .fetch_all()
             .await?;
-        for id in &new {
-            self.installs
-                .insert(id.to_string(), Installation::default());
-        }
-        // The batch being governed is already stored: its events are counted
-        // by the caller, in order, so they are left out here.
+
+        let mut rebuilt: HashMap<String, Installation> = new
+            .iter()
+            .map(|id| (id.clone(), Installation::default()))
+            .collect();
+        let batch_ids: HashSet<&str> = batch
+            .values()
+            .flatten()
+            .map(|e| e.event_id.as_str())
+            .collect();
         for r in rows {
             if batch_ids.contains(r.event_id.as_str()) {
                 continue;
             }
-            if let Some(state) = self.installs.get_mut(&r.install_id) {
-                state.count(&self.windows, r.created_at, u64::from(r.total_tokens));
+            if let Some(state) = rebuilt.get_mut(&r.install_id) {
+                state
+                    .windows
+                    .apply(&self.setup.windows, r.created_at, u64::from(r.total_tokens));
             }
+        }
+        let mut baselines: HashMap<String, BTreeMap<i64, u64>> = HashMap::new();
+        for (install, hour, n) in hourly {
+            baselines.entry(install).or_default().insert(hour, n);
+        }
+        let first_days: HashMap<String, i64> = first_days.into_iter().collect();
+        let first_events: HashMap<String, i64> = first_events.into_iter().collect();
+        for (id, state) in &mut rebuilt {
+            let mut hourly = baselines.remove(id).unwrap_or_default();
+            for e in batch.get(id.as_str()).into_iter().flatten() {
+                if let Some(n) = hourly.get_mut(&(e.created_at.div_euclid(HOUR_MS) * HOUR_MS)) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            let first_seen = first_events.get(id).or(first_days.get(id)).copied();
+            state.restore(hourly, first_seen);
         }
         for (install, kind, at) in alerts {
             let level = match kind.as_str() {
@@ -240,12 +288,55 @@ impl Engine {
                 "cap_critical" => Level::Critical,
                 _ => Level::Blocked,
             };
-            if let Some(state) = self.installs.get_mut(&install) {
+            if let Some(state) = rebuilt.get_mut(&install) {
                 let day = DateTime::<Utc>::from_timestamp_millis(at)
                     .unwrap_or_default()
                     .date_naive();
                 state.remember_alert(level, day);
             }
+        }
+        // The state as it was after the installation's last stored event
+        // (this batch aside), so decisions already made are not made again.
+        // Derived from ClickHouse alone: a replay into an empty database
+        // starts from nothing, exactly as the original run did.
+        let mut before_batch: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for (id, state) in &rebuilt {
+            if state.windows.max_event_time == i64::MIN {
+                continue;
+            }
+            let month = month_key(state.windows.max_event_time);
+            let in_batch = batch
+                .get(id.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|e| month_key(e.created_at) == month)
+                .count() as u64;
+            before_batch.insert((id.clone(), month), in_batch);
+        }
+        let totals = self.monthly(&before_batch).await?;
+        for ((id, month), in_batch) in &before_batch {
+            let plan = self.plan_of(id);
+            if let Some(state) = rebuilt.get_mut(id) {
+                let used = totals
+                    .get(&(id.clone(), month.clone()))
+                    .copied()
+                    .unwrap_or_default()
+                    .saturating_sub(*in_batch);
+                let at = state.windows.max_event_time;
+                // Its decisions were made (and published) when it happened.
+                let _ =
+                    state.evaluate(id, &plan, used, at, &self.setup.policy, &self.setup.windows);
+            }
+        }
+        let now = Instant::now();
+        for (id, state) in rebuilt {
+            self.installs.insert(
+                id,
+                Held {
+                    state,
+                    touched: now,
+                },
+            );
         }
         Ok(())
     }
@@ -258,20 +349,27 @@ impl Engine {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
-        let list = keys
-            .keys()
-            .map(|(i, m)| format!("({}, toDate('{m}'))", quote(i)))
-            .collect::<Vec<_>>()
-            .join(",");
+        // Installations × months may be wider than the keys asked for (a
+        // batch straddling a month end); the extra rows are dropped below.
+        let ids: HashSet<&str> = keys.keys().map(|(i, _)| i.as_str()).collect();
+        let months: HashSet<&str> = keys.keys().map(|(_, m)| m.as_str()).collect();
         let rows: Vec<(String, String, u64)> = self
+            .setup
             .clickhouse
-            .query(&format!(
+            .query(
                 "SELECT install_id, toString(month), sum(requests) FROM usage_monthly FINAL
-                 WHERE (install_id, month) IN ({list}) GROUP BY install_id, month"
-            ))
+                 WHERE install_id IN {ids:Array(String)} AND month IN {months:Array(Date)}
+                 GROUP BY install_id, month",
+            )
+            .param("ids", ids.into_iter().collect::<Vec<_>>())
+            .param("months", months.into_iter().collect::<Vec<_>>())
             .fetch_all()
             .await?;
-        Ok(rows.into_iter().map(|(i, m, n)| ((i, m), n)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(i, m, n)| ((i, m), n))
+            .filter(|(k, _)| keys.contains_key(k))
+            .collect())
     }
 
     /// Counts the batch's fresh events and publishes what changed.
@@ -303,35 +401,37 @@ impl Engine {
         // know it: wait for that rather than govern with a guessed plan.
         // One deadline for the whole batch, so unknown installations (e.g.
         // erased meanwhile) cannot stall it for long.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         for install in &installs {
-            while self.plans.plan(install).is_none() && tokio::time::Instant::now() < deadline {
+            while self.setup.plans.plan(install).is_none() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            if self.plans.plan(install).is_none() {
+            if self.setup.plans.plan(install).is_none() {
                 tracing::warn!(%install, "plan still unknown; governing with the default plan");
             }
         }
-        let batch_ids: HashSet<&str> = fresh.iter().map(|e| e.event_id.as_str()).collect();
         let since = fresh.iter().map(|e| e.created_at).min().unwrap_or_default()
-            - self.windows.long.length_ms()
-            - self.windows.grace_ms;
-        self.rebuild(&installs, &batch_ids, since).await?;
+            - self.setup.windows.long.length_ms()
+            - self.setup.windows.grace_ms;
+        self.rebuild(&installs, &by_install, since).await?;
         let totals = self.monthly(&batch_months).await?;
 
         let mut counted: HashMap<(String, String), u64> = HashMap::new();
         let mut changed: Vec<GovernanceState> = Vec::new();
         let mut decisions: Vec<Decision> = Vec::new();
+        let now = Instant::now();
         for install in installs {
             let plan = self.plan_of(install);
-            let Some(state) = self.installs.get_mut(install) else {
+            let Some(held) = self.installs.get_mut(install) else {
                 continue;
             };
+            held.touched = now;
+            let state = &mut held.state;
             let mut last = None;
             for e in by_install.get(install).into_iter().flatten() {
                 let tokens = u64::try_from(e.total_tokens).unwrap_or_default();
-                if state.count(&self.windows, e.created_at, tokens) == Applied::TooLate {
-                    if let Some(c) = &self.metrics.too_late {
+                if state.count(&self.setup.windows, e.created_at, tokens) == Applied::TooLate {
+                    if let Some(c) = &self.setup.metrics.too_late {
                         c.inc();
                     }
                 }
@@ -345,21 +445,19 @@ impl Engine {
                     &plan,
                     used,
                     e.created_at,
-                    &self.policy,
-                    &self.windows,
+                    &self.setup.policy,
+                    &self.setup.windows,
                 );
                 decisions.extend(d);
                 last = Some(s);
             }
             if let Some(s) = last {
-                if self.published.get(install) != Some(&s) {
+                if !self.setup.published.holds(&s) {
                     changed.push(s);
                 }
             }
         }
-        if let Some(g) = &self.metrics.installations {
-            g.set(self.installs.len() as i64);
-        }
+        self.report_size();
         self.unpublished = Some((changed, decisions));
         self.retry_publish().await
     }
@@ -379,24 +477,47 @@ impl Engine {
         Ok(())
     }
 
+    /// Installations whose published state predates their current plan (a
+    /// plan change no owner acted on, e.g. during a rebalance).
+    pub fn plans_not_yet_applied(&self) -> Vec<String> {
+        self.setup.published.stale_plans(&self.setup.plans)
+    }
+
     /// Re-evaluates an installation whose plan changed (an upgrade unblocks it
-    /// at once, without waiting for an event the gateway would refuse).
-    pub async fn on_plan_change(&mut self, install_id: &str) -> Result<(), EngineError> {
+    /// at once, without waiting for an event the gateway would refuse). Only
+    /// the owner of its partition (`owned`) acts; an owner that no longer
+    /// holds it in memory (a blocked site sends nothing, so it went idle, or
+    /// the processor restarted) rebuilds it first.
+    pub async fn on_plan_change(
+        &mut self,
+        install_id: &str,
+        owned: bool,
+    ) -> Result<(), EngineError> {
+        let Some(previous) = self.setup.published.get(install_id) else {
+            return Ok(());
+        };
+        if !owned {
+            return Ok(());
+        }
+        let since =
+            previous.as_of - self.setup.windows.long.length_ms() - self.setup.windows.grace_ms;
+        self.rebuild(&[install_id], &HashMap::new(), since).await?;
         let plan = self.plan_of(install_id);
-        let Some(previous) = self.published.get(install_id).cloned() else {
+        let Some(held) = self.installs.get_mut(install_id) else {
             return Ok(());
         };
-        let Some(state) = self.installs.get_mut(install_id) else {
-            return Ok(());
-        };
+        held.touched = Instant::now();
         let used = u64::try_from(previous.monthly_used).unwrap_or_default();
-        let (s, d) = state.evaluate(
+        // Decisions are relative to what the gateways enforce now (a rebuilt
+        // state would be derived with the new plan already).
+        held.state.last = Some(previous.clone());
+        let (s, d) = held.state.evaluate(
             install_id,
             &plan,
             used,
             previous.as_of,
-            &self.policy,
-            &self.windows,
+            &self.setup.policy,
+            &self.setup.windows,
         );
         self.publish(vec![s], d).await
     }
@@ -412,14 +533,14 @@ impl Engine {
         let mut payloads = Vec::new();
         for s in &states {
             payloads.push((
-                self.kafka.governance_topic.clone(),
+                self.setup.kafka.governance_topic.clone(),
                 s.install_id.clone(),
                 s.to_wire().map_err(|e| kafka_err(e.to_string()))?,
             ));
         }
         for d in &decisions {
             payloads.push((
-                self.kafka.decisions_topic.clone(),
+                self.setup.kafka.decisions_topic.clone(),
                 d.install_id.clone(),
                 d.to_wire().map_err(|e| kafka_err(e.to_string()))?,
             ));
@@ -430,7 +551,7 @@ impl Engine {
                 .payload(value.as_slice());
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
-                match self.producer.send_result(record) {
+                match self.setup.producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push(delivery);
                         break;
@@ -452,6 +573,7 @@ impl Engine {
         }
         if !decisions.is_empty() {
             let mut insert = self
+                .setup
                 .clickhouse
                 .insert::<DecisionRow>("governance_decisions")
                 .await?;
@@ -467,7 +589,7 @@ impl Engine {
                     .await?;
             }
             insert.end().await?;
-            if let Some(c) = &self.metrics.decisions {
+            if let Some(c) = &self.setup.metrics.decisions {
                 c.inc_by(decisions.len() as u64);
             }
             for d in &decisions {
@@ -475,7 +597,7 @@ impl Engine {
             }
         }
         for s in states {
-            self.published.insert(s.install_id.clone(), s);
+            self.setup.published.insert(s);
         }
         Ok(())
     }

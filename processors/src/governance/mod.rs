@@ -3,9 +3,12 @@
 //!
 //! - `window`: tumbling buckets summed into rolling windows, watermark and grace;
 //! - `policy`: limits, plans and thresholds as configuration;
-//! - `state`: one installation's state and the decisions that change it.
+//! - `state`: one installation's state and the decisions that change it;
+//! - `tables`: the registry and governance topics followed into memory;
+//! - `engine`: the per-batch driver (rebuild, count, evaluate, publish).
 
 pub mod engine;
 pub mod policy;
 pub mod state;
+pub mod tables;
 pub mod window;

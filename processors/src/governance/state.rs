@@ -45,8 +45,9 @@ pub struct Installation {
     alerted: HashSet<(Level, NaiveDate)>,
 }
 
-const HOUR_MS: i64 = 3_600_000;
-const BASELINE_HOURS: i64 = 24;
+pub const HOUR_MS: i64 = 3_600_000;
+/// The spike detector's trailing baseline, in hours.
+pub const BASELINE_HOURS: i64 = 24;
 
 impl Installation {
     /// Counts one new (first-seen, deduplicated) event in the windows.
@@ -61,6 +62,13 @@ impl Installation {
             self.first_seen = Some(self.first_seen.map_or(t, |f| f.min(t)));
         }
         applied
+    }
+
+    /// Restores what a rebuild reads back from ClickHouse: the hourly
+    /// counts of the spike baseline and the first event time.
+    pub fn restore(&mut self, hourly: BTreeMap<i64, u64>, first_seen: Option<i64>) {
+        self.hourly = hourly;
+        self.first_seen = first_seen;
     }
 
     /// Marks a cap alert as already raised (state rebuilt after a restart).

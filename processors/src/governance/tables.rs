@@ -1,0 +1,153 @@
+//! The two compacted topics every processor instance follows into memory:
+//! the installation registry (each installation's plan) and the governance
+//! state it and its peers published (the last state of each installation,
+//! which a rebuilt installation resumes from).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use usage_schemas::wire::AvroRecord;
+use usage_schemas::{GovernanceState, Installation as RegistryRecord};
+use usage_service_kit::follower::Table;
+
+fn key_str(key: Option<&[u8]>) -> Option<&str> {
+    key.and_then(|k| std::str::from_utf8(k).ok())
+}
+
+/// Every installation's plan, followed from the registry topic by every
+/// processor instance; plan changes are sent to the engine to re-evaluate.
+pub struct Plans {
+    plans: RwLock<HashMap<String, String>>,
+    changes: tokio::sync::mpsc::UnboundedSender<String>,
+    caught_up: AtomicBool,
+}
+
+impl Plans {
+    pub fn new() -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (
+            Arc::new(Self {
+                plans: RwLock::default(),
+                changes: tx,
+                caught_up: Default::default(),
+            }),
+            rx,
+        )
+    }
+
+    pub fn plan(&self, install_id: &str) -> Option<String> {
+        self.plans
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(install_id)
+            .cloned()
+    }
+}
+
+impl Table for Plans {
+    fn apply(&self, key: Option<&[u8]>, value: Option<&[u8]>) {
+        let Some(record) = value.and_then(|v| RegistryRecord::from_wire(v).ok()) else {
+            if let Some(id) = key_str(key) {
+                self.plans
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+            }
+            return;
+        };
+        let previous = self
+            .plans
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.install_id.clone(), record.plan.clone());
+        // The initial load is not a change: plan changes made while no
+        // owner was listening are caught up on assignment instead (see
+        // `Published::stale_plans`).
+        if self.is_caught_up() && previous.as_deref() != Some(record.plan.as_str()) {
+            let _ = self.changes.send(record.install_id);
+        }
+    }
+
+    fn caught_up(&self) {
+        self.caught_up.store(true, Ordering::SeqCst);
+    }
+
+    fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::SeqCst)
+    }
+}
+
+/// The latest governance state per installation, as published on the
+/// compacted governance topic (by this instance or the previous owner).
+#[derive(Default)]
+pub struct Published {
+    states: RwLock<HashMap<String, GovernanceState>>,
+    caught_up: AtomicBool,
+}
+
+impl Published {
+    pub fn get(&self, install_id: &str) -> Option<GovernanceState> {
+        self.states
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(install_id)
+            .cloned()
+    }
+
+    /// True when `state` is exactly what the topic already holds.
+    pub fn holds(&self, state: &GovernanceState) -> bool {
+        self.states
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&state.install_id)
+            == Some(state)
+    }
+
+    /// Records a state this instance just published (the follower will see
+    /// it again later; applying is idempotent).
+    pub fn insert(&self, state: GovernanceState) {
+        self.states
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(state.install_id.clone(), state);
+    }
+}
+
+impl Published {
+    /// Installations whose published state was decided under another plan
+    /// than the registry's current one.
+    pub fn stale_plans(&self, plans: &Plans) -> Vec<String> {
+        self.states
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| plans.plan(&s.install_id).is_some_and(|p| p != s.plan))
+            .map(|s| s.install_id.clone())
+            .collect()
+    }
+}
+
+impl Table for Published {
+    fn apply(&self, key: Option<&[u8]>, value: Option<&[u8]>) {
+        match value.and_then(|v| GovernanceState::from_wire(v).ok()) {
+            Some(state) => self.insert(state),
+            None => {
+                if let Some(id) = key_str(key) {
+                    self.states
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(id);
+                }
+            }
+        }
+    }
+
+    fn caught_up(&self) {
+        self.caught_up.store(true, Ordering::SeqCst);
+    }
+
+    fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::SeqCst)
+    }
+}
