@@ -107,6 +107,8 @@ struct Template {
     tokens: Vec<u64>,
 }
 
+const MAX_TEMPLATED_SITES: usize = 2_000;
+
 const ID_PLACEHOLDER: &str = "################################";
 
 impl Template {
@@ -297,8 +299,12 @@ async fn worker(
     // Event ids: worker id in the high bits, a counter below: unique per run.
     let run = u128::from(rng.next()) << 80;
     let mut next_id: u128 = run | ((id as u128) << 48);
+    // Pre-rendered bodies for a few hundred sites; with many more (100k),
+    // templates would not fit in memory, so bodies are rendered per send.
+    let templated = sites.len() <= MAX_TEMPLATED_SITES;
     let templates: Vec<Vec<Template>> = sites
         .iter()
+        .take(if templated { sites.len() } else { 0 })
         .map(|site| {
             (0..4)
                 .map(|_| {
@@ -329,12 +335,27 @@ async fn worker(
                     .unwrap_or(0);
                 (b, Vec::new(), n as u64)
             }
-            None => {
+            None if templated => {
                 let template = &templates[s][rng.below(4) as usize];
                 let (body, truth) = template.render(next_id);
                 next_id += truth.len() as u128;
                 let n = truth.len() as u64;
                 (body, truth, n)
+            }
+            None => {
+                let size = args.batch_min
+                    + rng.below((args.batch_max - args.batch_min + 1) as u64) as usize;
+                let first = next_id;
+                let (body, tokens) = batch(site, &mut rng, size, args.late_share, |n| {
+                    format!("{:032x}", first + n as u128)
+                });
+                let truth: Vec<(u128, u64)> = tokens
+                    .into_iter()
+                    .enumerate()
+                    .map(|(n, (_, t))| (first + n as u128, t))
+                    .collect();
+                next_id += size as u128;
+                (body, truth, size as u64)
             }
         };
         let started = Instant::now();
@@ -396,22 +417,56 @@ async fn summary_totals(
     ))
 }
 
-async fn processor_inserted(client: &reqwest::Client, args: &Args) -> u64 {
-    let Ok(r) = client
-        .get(format!("{}/metrics", args.processors))
-        .send()
-        .await
-    else {
-        return 0;
-    };
-    r.text()
-        .await
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("usage_processor_events_inserted_total"))
+async fn metrics_text(client: &reqwest::Client, base: &str) -> Option<String> {
+    let r = client.get(format!("{base}/metrics")).send().await.ok()?;
+    r.text().await.ok()
+}
+
+/// The value of the first sample whose line starts with `name`.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+async fn processor_inserted(client: &reqwest::Client, args: &Args) -> u64 {
+    let text = metrics_text(client, &args.processors).await;
+    text.and_then(|t| metric(&t, "usage_processor_events_inserted_total"))
         .unwrap_or(0)
+}
+
+/// Runs `task(0..n)` with at most `concurrency` in flight; results in order.
+async fn for_each_concurrently<T, F, Fut>(n: usize, concurrency: usize, task: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    let task = Arc::new(task);
+    let runners: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let (next, task) = (next.clone(), task.clone());
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        return done;
+                    }
+                    done.push((i, task(i).await));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(n);
+    for r in runners {
+        all.extend(r.await.unwrap_or_default());
+    }
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, t)| t).collect()
 }
 
 fn signal(pid: Option<&str>, sig: &str) -> anyhow::Result<()> {
@@ -442,9 +497,22 @@ async fn main() -> anyhow::Result<()> {
             .map(|n| new_site(&verifier, n))
             .collect(),
     );
-    for site in sites.iter() {
-        register(&client, &args, site).await.context("register")?;
+    let registered = Instant::now();
+    let failures = for_each_concurrently(sites.len(), args.concurrency, {
+        let (client, args, sites) = (client.clone(), args.clone(), sites.clone());
+        move |i| {
+            let (client, args, sites) = (client.clone(), args.clone(), sites.clone());
+            async move { register(&client, &args, &sites[i]).await.is_err() }
+        }
+    })
+    .await
+    .into_iter()
+    .filter(|failed| *failed)
+    .count();
+    if failures > 0 {
+        bail!("{failures} installations could not be registered");
     }
+    println!("registered in {:.1} s", registered.elapsed().as_secs_f64());
     // Every gateway must know them; one gateway here, which applied its own writes.
 
     let inserted_before = processor_inserted(&client, &args).await;
@@ -528,25 +596,45 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Ground truth vs the summary API, per installation.
-    let mut mismatches = Vec::new();
-    for site in sites.iter() {
-        let (events, tokens) = {
-            let t = site.truth.lock().unwrap_or_else(|p| p.into_inner());
-            (t.events.len() as u64, t.tokens)
-        };
-        let mut got = None;
-        for _ in 0..100 {
-            got = summary_totals(&client, &args, &admin, &site.install_id).await;
-            if got == Some((events, tokens)) {
-                break;
+    if let Some(text) = metrics_text(&client, &args.processors).await {
+        for name in [
+            "usage_governance_installations{",
+            "usage_governance_decisions_total",
+        ] {
+            if let Some(v) = metric(&text, name) {
+                println!("processors: {} = {v}", name.trim_end_matches('{'));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if got != Some((events, tokens)) {
-            mismatches.push((site.install_id.clone(), (events, tokens), got));
         }
     }
+
+    // Ground truth vs the summary API, per installation.
+    let admin = Arc::new(admin);
+    let checks = for_each_concurrently(sites.len(), args.concurrency, {
+        let (client, args, sites, admin) =
+            (client.clone(), args.clone(), sites.clone(), admin.clone());
+        move |i| {
+            let (client, args, sites, admin) =
+                (client.clone(), args.clone(), sites.clone(), admin.clone());
+            async move {
+                let site = &sites[i];
+                let want = {
+                    let t = site.truth.lock().unwrap_or_else(|p| p.into_inner());
+                    (t.events.len() as u64, t.tokens)
+                };
+                let mut got = None;
+                for _ in 0..100 {
+                    got = summary_totals(&client, &args, &admin, &site.install_id).await;
+                    if got == Some(want) {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Some((site.install_id.clone(), want, got))
+            }
+        }
+    })
+    .await;
+    let mismatches: Vec<_> = checks.into_iter().flatten().collect();
 
     // Freshness: single-event batches on an idle pipeline.
     let probe = new_site(&verifier, 999_999);

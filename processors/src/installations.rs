@@ -2,12 +2,13 @@
 //! every field of the registry record but the secrets. ReplacingMergeTree by
 //! revision makes re-reading the topic harmless.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clickhouse::Row;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::Message;
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::sync::watch;
 use usage_schemas::wire::AvroRecord;
@@ -69,44 +70,73 @@ async fn write(
     insert.end().await
 }
 
-/// Follows the topic in its own consumer group until shutdown.
+/// Most records written in one insert; a burst of registrations (a fleet
+/// onboarding) becomes a few inserts, not one part per record.
+const MAX_BATCH: usize = 5_000;
+/// Longest a record waits for others to share its insert.
+const MAX_WAIT: Duration = Duration::from_millis(200);
+
+/// Follows the topic in its own consumer group until shutdown: records are
+/// written in batches, and offsets committed once their batch is stored.
 pub async fn run(
     consumer: StreamConsumer,
     client: clickhouse::Client,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let msg = tokio::select! {
-            _ = shutdown.changed() => return,
-            m = consumer.recv() => m,
-        };
-        let msg = match msg {
-            Ok(m) => m,
-            Err(err) => {
-                tracing::warn!(%err, "installations consumer error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        let mut rows: Vec<MetadataRow> = Vec::new();
+        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        while rows.len() < MAX_BATCH {
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let msg = tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = timer => break,
+                m = consumer.recv() => m,
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(err) => {
+                    tracing::warn!(%err, "installations consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + MAX_WAIT);
+            offsets.insert((msg.topic().to_string(), msg.partition()), msg.offset());
+            match msg.payload().map(Installation::from_wire) {
+                Some(Ok(record)) => rows.push(MetadataRow::from(&record)),
+                Some(Err(err)) => {
+                    tracing::error!(offset = msg.offset(), %err, "undecodable installation record skipped");
+                }
+                // Tombstones (erasure) are handled by the erasure flow.
+                None => {}
             }
-        };
-        let rows: Vec<MetadataRow> = match msg.payload().map(Installation::from_wire) {
-            Some(Ok(record)) => vec![MetadataRow::from(&record)],
-            Some(Err(err)) => {
-                tracing::error!(offset = msg.offset(), %err, "undecodable installation record skipped");
-                vec![]
-            }
-            // Tombstones (erasure) are handled by the erasure flow.
-            None => vec![],
-        };
+        }
         let mut delay = Duration::from_millis(100);
         while let Err(err) = write(&client, &rows).await {
-            tracing::warn!(%err, "installation_metadata write failed; retrying");
+            tracing::warn!(%err, rows = rows.len(), "installation_metadata write failed; retrying");
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(5));
         }
-        if let Err(err) = consumer.commit_message(&msg, CommitMode::Async) {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &offsets {
+            if let Err(err) =
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))
+            {
+                tracing::warn!(%err, "cannot build the installations offset list");
+            }
+        }
+        // A lost commit only means re-reading records: revisions make it harmless.
+        if let Err(err) = consumer.commit(&tpl, CommitMode::Async) {
             tracing::warn!(%err, "installations offset commit failed");
         }
     }

@@ -23,6 +23,15 @@ fn counter(metrics: &Metrics, name: &str, help: &str) -> IntCounter {
     c
 }
 
+fn histogram(metrics: &Metrics, name: &str, help: &str) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ]))
+    .expect("static metric definition");
+    metrics.register(Box::new(h.clone()));
+    h
+}
+
 impl ProcessorMetrics {
     pub fn register(metrics: &Metrics) -> Self {
         let flush_seconds = Histogram::with_opts(
@@ -99,6 +108,21 @@ impl ProcessorMetrics {
                     metrics,
                     "governance_installations_evicted_total",
                     "idle installations whose state left memory (rebuilt on their next event)",
+                )),
+                rebuilt: Some(counter(
+                    metrics,
+                    "governance_installations_rebuilt_total",
+                    "installations whose state was rebuilt from ClickHouse (first sight, rebalance, eviction)",
+                )),
+                rebuild_seconds: Some(histogram(
+                    metrics,
+                    "governance_rebuild_seconds",
+                    "time to rebuild the installations a batch sees for the first time",
+                )),
+                batch_seconds: Some(histogram(
+                    metrics,
+                    "governance_batch_seconds",
+                    "time to govern one batch: rebuilds, counting, publishing",
                 )),
             },
         }

@@ -72,6 +72,11 @@ pub struct GovernanceMetrics {
     pub decisions: Option<prometheus::IntCounter>,
     pub installations: Option<prometheus::IntGauge>,
     pub evicted: Option<prometheus::IntCounter>,
+    /// Installations rebuilt from ClickHouse, and the time their queries took.
+    pub rebuilt: Option<prometheus::IntCounter>,
+    pub rebuild_seconds: Option<prometheus::Histogram>,
+    /// Time to govern one batch (rebuilds, counting, publishing).
+    pub batch_seconds: Option<prometheus::Histogram>,
 }
 
 /// What an engine is made of.
@@ -101,6 +106,10 @@ pub struct Engine {
     unpublished: Option<(Vec<GovernanceState>, Vec<Decision>)>,
     last_sweep: Instant,
 }
+
+/// Installation ids per ClickHouse query: they travel as a query parameter
+/// in the URL, which ClickHouse caps (`http_max_uri_size`, 1 MiB).
+const IDS_PER_QUERY: usize = 2_000;
 
 fn month_key(ms: i64) -> String {
     let d = DateTime::<Utc>::from_timestamp_millis(ms)
@@ -190,6 +199,28 @@ impl Engine {
         if new.is_empty() {
             return Ok(());
         }
+        let timer = self
+            .setup
+            .metrics
+            .rebuild_seconds
+            .as_ref()
+            .map(|h| h.start_timer());
+        for chunk in new.chunks(IDS_PER_QUERY) {
+            self.rebuild_some(chunk, batch, since).await?;
+        }
+        if let Some(c) = &self.setup.metrics.rebuilt {
+            c.inc_by(new.len() as u64);
+        }
+        drop(timer);
+        Ok(())
+    }
+
+    async fn rebuild_some(
+        &mut self,
+        new: &[String],
+        batch: &HashMap<&str, Vec<&UsageEvent>>,
+        since: i64,
+    ) -> Result<(), EngineError> {
         let ch = &self.setup.clickhouse;
         let rows: Vec<RawCount> = ch
             .query(
@@ -198,7 +229,7 @@ impl Engine {
                  WHERE install_id IN {ids:Array(String)} AND created_at >= fromUnixTimestamp64Milli({since:Int64})
                  ORDER BY install_id, received_at, created_at, event_id",
             )
-            .param("ids", &new)
+            .param("ids", new)
             .param("since", since)
             .fetch_all()
             .await?;
@@ -210,7 +241,7 @@ impl Engine {
                  WHERE install_id IN {ids:Array(String)} AND created_at >= fromUnixTimestamp64Milli({since:Int64})
                  GROUP BY install_id, hour",
             )
-            .param("ids", &new)
+            .param("ids", new)
             .param("since", baseline_since)
             .fetch_all()
             .await?;
@@ -222,7 +253,7 @@ impl Engine {
                 "SELECT install_id, toInt64(toUnixTimestamp(toDateTime(min(date)))) * 1000
                  FROM usage_daily WHERE install_id IN {ids:Array(String)} GROUP BY install_id",
             )
-            .param("ids", &new)
+            .param("ids", new)
             .fetch_all()
             .await?;
         let first_events: Vec<(String, i64)> = ch
@@ -234,7 +265,7 @@ impl Engine {
                         WHERE install_id IN {ids:Array(String)} GROUP BY install_id)
                  GROUP BY install_id",
             )
-            .param("ids", &new)
+            .param("ids", new)
             .fetch_all()
             .await?;
         let alerts: Vec<(String, String, i64)> = ch
@@ -243,7 +274,7 @@ impl Engine {
                  WHERE install_id IN {ids:Array(String)} AND kind IN ('cap_warning', 'cap_critical', 'blocked')
                    AND at >= now64(3) - INTERVAL 2 DAY",
             )
-            .param("ids", &new)
+            .param("ids", new)
             .fetch_all()
             .await?;
 
@@ -351,25 +382,39 @@ impl Engine {
         }
         // Installations × months may be wider than the keys asked for (a
         // batch straddling a month end); the extra rows are dropped below.
-        let ids: HashSet<&str> = keys.keys().map(|(i, _)| i.as_str()).collect();
-        let months: HashSet<&str> = keys.keys().map(|(_, m)| m.as_str()).collect();
-        let rows: Vec<(String, String, u64)> = self
-            .setup
-            .clickhouse
-            .query(
-                "SELECT install_id, toString(month), sum(requests) FROM usage_monthly FINAL
-                 WHERE install_id IN {ids:Array(String)} AND month IN {months:Array(Date)}
-                 GROUP BY install_id, month",
-            )
-            .param("ids", ids.into_iter().collect::<Vec<_>>())
-            .param("months", months.into_iter().collect::<Vec<_>>())
-            .fetch_all()
-            .await?;
-        Ok(rows
+        let ids: Vec<&str> = keys
+            .keys()
+            .map(|(i, _)| i.as_str())
+            .collect::<HashSet<_>>()
             .into_iter()
-            .map(|(i, m, n)| ((i, m), n))
-            .filter(|(k, _)| keys.contains_key(k))
-            .collect())
+            .collect();
+        let months: Vec<&str> = keys
+            .keys()
+            .map(|(_, m)| m.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut totals = HashMap::new();
+        for ids in ids.chunks(IDS_PER_QUERY) {
+            let rows: Vec<(String, String, u64)> = self
+                .setup
+                .clickhouse
+                .query(
+                    "SELECT install_id, toString(month), sum(requests) FROM usage_monthly FINAL
+                     WHERE install_id IN {ids:Array(String)} AND month IN {months:Array(Date)}
+                     GROUP BY install_id, month",
+                )
+                .param("ids", ids)
+                .param("months", &months)
+                .fetch_all()
+                .await?;
+            totals.extend(
+                rows.into_iter()
+                    .map(|(i, m, n)| ((i, m), n))
+                    .filter(|(k, _)| keys.contains_key(k)),
+            );
+        }
+        Ok(totals)
     }
 
     /// Counts the batch's fresh events and publishes what changed.
@@ -381,6 +426,12 @@ impl Engine {
         if fresh.is_empty() {
             return Ok(());
         }
+        let _timer = self
+            .setup
+            .metrics
+            .batch_seconds
+            .as_ref()
+            .map(|h| h.start_timer());
         let fresh: Vec<&UsageEvent> = fresh.iter().filter_map(|i| events.get(*i)).collect();
         // Each installation's events, in topic order, grouped once.
         let mut installs: Vec<&str> = Vec::new();
