@@ -1,6 +1,8 @@
 //! Keeps `installation_metadata` in ClickHouse from the installations topic:
 //! every field of the registry record but the secrets. ReplacingMergeTree by
-//! revision makes re-reading the topic harmless.
+//! revision makes re-reading the topic harmless, and records of an erased
+//! installation written before its erasure are skipped, so re-reading the
+//! topic (before compaction drops them) cannot restore it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -70,6 +72,20 @@ async fn write(
     insert.end().await
 }
 
+async fn write_unless_erased(
+    client: &clickhouse::Client,
+    rows: &mut Vec<MetadataRow>,
+) -> Result<(), clickhouse::error::Error> {
+    let erased =
+        crate::rollup::erased_at(client, rows.iter().map(|r| r.install_id.as_str())).await?;
+    rows.retain(|r| {
+        erased
+            .get(&r.install_id)
+            .is_none_or(|at| r.updated_at.timestamp_millis() > *at)
+    });
+    write(client, rows).await
+}
+
 /// Most records written in one insert; a burst of registrations (a fleet
 /// onboarding) becomes a few inserts, not one part per record.
 const MAX_BATCH: usize = 5_000;
@@ -119,7 +135,7 @@ pub async fn run(
             }
         }
         let mut delay = Duration::from_millis(100);
-        while let Err(err) = write(&client, &rows).await {
+        while let Err(err) = write_unless_erased(&client, &mut rows).await {
             tracing::warn!(%err, rows = rows.len(), "installation_metadata write failed; retrying");
             tokio::select! {
                 _ = shutdown.changed() => return,

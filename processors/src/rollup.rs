@@ -19,6 +19,8 @@
 //!    from any offset recomputes the same numbers instead of adding to them.
 //! 3. Offsets are committed only after all of this returned (`consumer`), so
 //!    nothing is lost when ClickHouse or the processor fails mid-way.
+//! 4. Events of an erased installation received before its erasure
+//!    (`erased_installations`) are dropped, so a replay cannot restore them.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -40,6 +42,8 @@ pub struct FlushReport {
     pub fresh: Vec<usize>,
     pub inserted: usize,
     pub already_stored: usize,
+    /// Events of erased installations, dropped.
+    pub erased: usize,
     pub days_recomputed: usize,
     pub months_recomputed: usize,
 }
@@ -114,13 +118,33 @@ pub async fn flush(
         return Ok(report);
     }
 
+    let erased = erased_at(client, events.iter().map(|e| e.install_id.as_str())).await?;
     // First occurrence in the batch wins, like first write wins across batches.
     let mut seen = HashSet::with_capacity(events.len());
     let unique: Vec<(usize, &UsageEvent)> = events
         .iter()
         .enumerate()
-        .filter(|(_, e)| seen.insert((e.install_id.as_str(), e.event_id.as_str())))
+        .filter(|(_, e)| {
+            let gone = erased
+                .get(e.install_id.as_str())
+                .is_some_and(|at| e.received_at <= *at);
+            !gone && seen.insert((e.install_id.as_str(), e.event_id.as_str()))
+        })
         .collect();
+    report.erased = events
+        .iter()
+        .filter(|e| {
+            erased
+                .get(e.install_id.as_str())
+                .is_some_and(|at| e.received_at <= *at)
+        })
+        .count();
+    if report.erased > 0 {
+        tracing::info!(
+            dropped = report.erased,
+            "events of erased installations dropped"
+        );
+    }
 
     let stored = stored_ids(client, &unique.iter().map(|(_, e)| *e).collect::<Vec<_>>()).await?;
     // Borrowed keys: no allocation per event to test membership.
@@ -158,6 +182,28 @@ pub async fn flush(
     report.days_recomputed = days.len();
     report.months_recomputed = months.len();
     Ok(report)
+}
+
+/// The latest erasure time (ms) of each of these installations that was
+/// ever erased: what they sent before it must never be stored again.
+pub async fn erased_at<'a>(
+    client: &Client,
+    installs: impl Iterator<Item = &'a str>,
+) -> Result<std::collections::HashMap<String, i64>, clickhouse::error::Error> {
+    let installs: Vec<&str> = installs.collect::<BTreeSet<_>>().into_iter().collect();
+    let mut erased = std::collections::HashMap::new();
+    for chunk in installs.chunks(CHUNK) {
+        let rows: Vec<(String, i64)> = client
+            .query(
+                "SELECT install_id, toUnixTimestamp64Milli(max(erased_at)) FROM erased_installations
+                 WHERE install_id IN {ids:Array(String)} GROUP BY install_id",
+            )
+            .param("ids", chunk)
+            .fetch_all()
+            .await?;
+        erased.extend(rows);
+    }
+    Ok(erased)
 }
 
 async fn stored_ids(

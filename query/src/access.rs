@@ -28,6 +28,27 @@ async fn account_of(client: &Client, install_id: &str) -> Result<Option<String>,
     Ok(accounts.into_iter().next())
 }
 
+/// Erasure: a provider admin, or the account that owns the installation.
+pub async fn may_erase(
+    client: &Client,
+    claims: &Claims,
+    install_id: &str,
+) -> Result<(), QueryError> {
+    if claims.is_admin() {
+        return Ok(());
+    }
+    let owner = account_of(client, install_id).await?;
+    if claims.role == Role::Account
+        && owner.is_some()
+        && owner.as_deref() == claims.account_id.as_deref()
+    {
+        return Ok(());
+    }
+    Err(QueryError::Forbidden(format!(
+        "erasing installation {install_id}"
+    )))
+}
+
 pub async fn scope(
     client: &Client,
     claims: &Claims,

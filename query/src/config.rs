@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use clap::Parser;
 use usage_service_kit::auth::JwtArgs;
 use usage_service_kit::clickhouse::ClickHouseArgs;
+use usage_service_kit::kafka::KafkaArgs;
 use usage_service_kit::telemetry::LogArgs;
 
 /// The query API (ClickHouse -> JSON/CSV).
@@ -18,6 +19,9 @@ pub struct Config {
     pub jwt: JwtArgs,
     #[command(flatten)]
     pub clickhouse: ClickHouseArgs,
+    /// Kafka: erasure tombstones the registry and governance topics.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     #[command(flatten)]
     pub log: LogArgs,
 }

@@ -29,6 +29,10 @@ pub enum QueryError {
     MethodNotAllowed,
     #[error("storage unavailable")]
     ClickHouse(#[from] clickhouse::error::Error),
+    #[error("event log unavailable: {0}")]
+    Kafka(String),
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 pub const RETRY_AFTER_SECS: u32 = 5;
@@ -42,7 +46,9 @@ impl QueryError {
             QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
             QueryError::NotFound => StatusCode::NOT_FOUND,
             QueryError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            QueryError::ClickHouse(_) => StatusCode::SERVICE_UNAVAILABLE,
+            QueryError::ClickHouse(_) | QueryError::Kafka(_) | QueryError::Incomplete(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -56,6 +62,8 @@ impl QueryError {
             QueryError::NotFound => "not_found",
             QueryError::MethodNotAllowed => "method_not_allowed",
             QueryError::ClickHouse(_) => "storage_unavailable",
+            QueryError::Kafka(_) => "queue_unavailable",
+            QueryError::Incomplete(_) => "erasure_incomplete",
         }
     }
 

@@ -3,7 +3,12 @@
 
 pub mod access;
 pub mod config;
+pub mod erasure;
 pub mod error;
+pub mod events;
+pub mod export;
+pub mod installations;
+pub mod params;
 pub mod routes;
 pub mod summary;
 
@@ -34,9 +39,21 @@ impl Service for QueryApi {
     async fn start(config: Config) -> Result<Self, QueryError> {
         let metrics = Metrics::new(SERVICE);
         let probes = vec![config.clickhouse.probe()];
+        let producer: rdkafka::producer::FutureProducer = config
+            .kafka
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(|e| QueryError::Kafka(format!("producer: {e}")))?;
         let api = Arc::new(routes::Api {
             clickhouse: config.clickhouse.client(),
             jwt: config.jwt.verifier(),
+            eraser: erasure::Eraser {
+                clickhouse: config.clickhouse.client(),
+                producer,
+                kafka: config.kafka.clone(),
+            },
         });
         let http = HttpService::start(SERVICE, config.listen, metrics, probes, routes::routes(api))
             .await

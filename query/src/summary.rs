@@ -1,94 +1,78 @@
-//! `GET /provider/usage/summary`: rollups from `usage_daily`, grouped by day,
-//! user or source, exactly as the contract describes.
+//! `GET /provider/usage/summary`: rollups from `usage_daily`, grouped as the
+//! contract describes, plus grouping by model and month and row filters.
 //!
 //! Parameters: `install_id` (required unless provider admin; without it the
 //! rows are per installation across all), `date_from`/`date_to` (inclusive,
 //! `YYYY-MM-DD`, default the last 30 days to today UTC), `group_by`
-//! (`day` default, `user`, `source`), `limit` (1..=1000, default 100),
-//! `offset` (default 0). Dimensions a row is not grouped by are `null`.
+//! (`day` default, `user`, `source`, `model`, `month`), filters `source`,
+//! `model`, `user_hash`, `limit` (1..=1000, default 100), `offset`
+//! (default 0). Dimensions a row is not grouped by are `null`; `meta.total`
+//! is the exact number of groups.
 
-use std::collections::HashMap;
-
-use chrono::{Duration, NaiveDate, Utc};
+use chrono::{NaiveDate, Utc};
 use clickhouse::Client;
 use serde::Serialize;
 
 use crate::access::Scope;
 use crate::error::QueryError;
+use crate::params::{self, DateRange, Filters, Query};
 
 pub const MAX_LIMIT: u64 = 1000;
-pub const MAX_RANGE_DAYS: i64 = 731;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupBy {
     Day,
     User,
     Source,
+    Model,
+    Month,
+}
+
+impl GroupBy {
+    /// The grouping expression over `usage_daily` and the row order.
+    fn sql(self) -> (&'static str, &'static str) {
+        match self {
+            GroupBy::Day => ("toString(date)", "dim"),
+            GroupBy::User => ("user_hash", "total_tokens DESC, dim"),
+            GroupBy::Source => ("toString(source)", "dim"),
+            GroupBy::Model => ("toString(model)", "total_tokens DESC, dim"),
+            GroupBy::Month => ("formatDateTime(date, '%Y-%m')", "dim"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SummaryParams {
     pub install_id: Option<String>,
-    pub date_from: NaiveDate,
-    pub date_to: NaiveDate,
+    pub range: DateRange,
     pub group_by: GroupBy,
+    pub filters: Filters,
     pub limit: u64,
     pub offset: u64,
 }
 
-fn date(params: &HashMap<String, String>, name: &str) -> Result<Option<NaiveDate>, QueryError> {
-    params
-        .get(name)
-        .map(|s| {
-            NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|_| {
-                QueryError::BadRequest(format!("{name} must be a date like 2025-10-01"))
-            })
-        })
-        .transpose()
-}
-
-fn number(params: &HashMap<String, String>, name: &str, default: u64) -> Result<u64, QueryError> {
-    params.get(name).map_or(Ok(default), |s| {
-        s.parse()
-            .map_err(|_| QueryError::BadRequest(format!("{name} must be a non-negative integer")))
-    })
-}
-
 impl SummaryParams {
-    pub fn parse(params: &HashMap<String, String>, today: NaiveDate) -> Result<Self, QueryError> {
-        let date_to = date(params, "date_to")?.unwrap_or(today);
-        let date_from = date(params, "date_from")?.unwrap_or(date_to - Duration::days(29));
-        if date_from > date_to {
-            return Err(QueryError::BadRequest("date_from is after date_to".into()));
-        }
-        if (date_to - date_from).num_days() > MAX_RANGE_DAYS {
-            return Err(QueryError::BadRequest(format!(
-                "the range may span at most {MAX_RANGE_DAYS} days"
-            )));
-        }
+    pub fn parse(params: &Query, today: NaiveDate) -> Result<Self, QueryError> {
+        let range = DateRange::parse(params, today)?;
         let group_by = match params.get("group_by").map(String::as_str) {
-            None | Some("day") => GroupBy::Day,
+            None | Some("day") | Some("") => GroupBy::Day,
             Some("user") => GroupBy::User,
             Some("source") => GroupBy::Source,
+            Some("model") => GroupBy::Model,
+            Some("month") => GroupBy::Month,
             Some(other) => {
                 return Err(QueryError::BadRequest(format!(
-                    "group_by {other:?} is not day, user or source"
+                    "group_by must be day, user, source, model or month, not {other:?}"
                 )))
             }
         };
-        let limit = number(params, "limit", 100)?;
-        if !(1..=MAX_LIMIT).contains(&limit) {
-            return Err(QueryError::BadRequest(format!(
-                "limit must be 1 to {MAX_LIMIT}"
-            )));
-        }
         Ok(Self {
             install_id: params.get("install_id").filter(|s| !s.is_empty()).cloned(),
-            date_from,
-            date_to,
+            range,
             group_by,
-            limit,
-            offset: number(params, "offset", 0)?,
+            filters: Filters::parse(params)?,
+            limit: params::limit(params, 100, MAX_LIMIT)?,
+            offset: params::number(params, "offset", 0)?,
         })
     }
 }
@@ -99,6 +83,8 @@ pub struct SummaryItem {
     pub date: Option<String>,
     pub user_hash: Option<String>,
     pub source: Option<String>,
+    pub model: Option<String>,
+    pub month: Option<String>,
     pub total_requests: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -113,35 +99,48 @@ pub struct Meta {
     pub offset: u64,
 }
 
+/// The `WHERE` clause of a scoped, filtered read of a table with `date`,
+/// `install_id`, `user_hash`, `source` and `model` columns.
+pub fn scoped_where(date_column: &str, scope: &Scope, filters: &Filters) -> String {
+    let mut sql =
+        format!("{date_column} >= {{date_from:Date}} AND {date_column} <= {{date_to:Date}}");
+    if scope.install_id.is_some() {
+        sql.push_str(" AND install_id = {install_id:String}");
+    }
+    if scope.user_hash.is_some() {
+        sql.push_str(" AND user_hash = {scope_user_hash:String}");
+    }
+    sql.push_str(&filters.sql());
+    sql
+}
+
+/// Binds what [`scoped_where`] refers to.
+pub fn bind_scoped(
+    query: clickhouse::query::Query,
+    range: &DateRange,
+    scope: &Scope,
+    filters: &Filters,
+) -> clickhouse::query::Query {
+    let mut q = query
+        .param("date_from", range.from.to_string())
+        .param("date_to", range.to.to_string());
+    if let Some(i) = &scope.install_id {
+        q = q.param("install_id", i);
+    }
+    if let Some(u) = &scope.user_hash {
+        q = q.param("scope_user_hash", u);
+    }
+    filters.bind(q)
+}
+
 pub async fn summary(
     client: &Client,
     params: &SummaryParams,
     scope: &Scope,
 ) -> Result<(Vec<SummaryItem>, Meta), QueryError> {
-    let (dimension, order) = match params.group_by {
-        GroupBy::Day => ("toString(date)", "dim"),
-        GroupBy::User => ("user_hash", "total_tokens DESC, dim"),
-        GroupBy::Source => ("toString(source)", "dim"),
-    };
-    let mut filter = String::from("date >= ? AND date <= ?");
-    if scope.install_id.is_some() {
-        filter.push_str(" AND install_id = ?");
-    }
-    if scope.user_hash.is_some() {
-        filter.push_str(" AND user_hash = ?");
-    }
-    let bind = |mut q: clickhouse::query::Query| {
-        q = q
-            .bind(params.date_from.to_string())
-            .bind(params.date_to.to_string());
-        if let Some(i) = &scope.install_id {
-            q = q.bind(i);
-        }
-        if let Some(u) = &scope.user_hash {
-            q = q.bind(u);
-        }
-        q
-    };
+    let (dimension, order) = params.group_by.sql();
+    let filter = scoped_where("date", scope, &params.filters);
+    let bind = |q| bind_scoped(q, &params.range, scope, &params.filters);
     let sql = format!(
         "SELECT install_id, {dimension} AS dim,
                 sum(requests) AS total_requests, sum(prompt_tokens) AS p, sum(completion_tokens) AS c,
@@ -150,11 +149,13 @@ pub async fn summary(
          WHERE {filter}
          GROUP BY install_id, dim
          ORDER BY {order}, install_id
-         LIMIT {} OFFSET {}",
-        params.limit, params.offset
+         LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}"
     );
-    let rows: Vec<(String, String, u64, u64, u64, u64, String)> =
-        bind(client.query(&sql)).fetch_all().await?;
+    let rows: Vec<(String, String, u64, u64, u64, u64, String)> = bind(client.query(&sql))
+        .param("limit", params.limit)
+        .param("offset", params.offset)
+        .fetch_all()
+        .await?;
     let total: u64 = bind(client.query(&format!(
         "SELECT count() FROM (SELECT 1 FROM usage_daily FINAL WHERE {filter} GROUP BY install_id, {dimension})"
     )))
@@ -173,23 +174,28 @@ pub async fn summary(
                 total_tokens,
                 cost,
             )| {
-                let (date, user_hash, source) = match params.group_by {
-                    GroupBy::Day => (Some(dim), None, None),
-                    GroupBy::User => (None, Some(dim), None),
-                    GroupBy::Source => (None, None, Some(dim)),
-                };
-                SummaryItem {
+                let mut item = SummaryItem {
                     install_id,
-                    date,
-                    user_hash,
-                    source,
+                    date: None,
+                    user_hash: None,
+                    source: None,
+                    model: None,
+                    month: None,
                     total_requests,
                     prompt_tokens,
                     completion_tokens,
                     total_tokens,
                     // Summed exactly as Decimal in ClickHouse; a JSON number here.
                     estimated_cost_usd: cost.parse().unwrap_or(0.0),
-                }
+                };
+                *match params.group_by {
+                    GroupBy::Day => &mut item.date,
+                    GroupBy::User => &mut item.user_hash,
+                    GroupBy::Source => &mut item.source,
+                    GroupBy::Model => &mut item.model,
+                    GroupBy::Month => &mut item.month,
+                } = Some(dim);
+                item
             },
         )
         .collect();
@@ -222,8 +228,8 @@ mod tests {
     #[test]
     fn defaults_are_the_last_30_days_by_day() {
         let p = params(&[("install_id", "i")]).unwrap();
-        assert_eq!(p.date_to.to_string(), "2025-11-30");
-        assert_eq!(p.date_from.to_string(), "2025-11-01");
+        assert_eq!(p.range.to.to_string(), "2025-11-30");
+        assert_eq!(p.range.from.to_string(), "2025-11-01");
         assert_eq!((p.group_by, p.limit, p.offset), (GroupBy::Day, 100, 0));
     }
 
@@ -232,7 +238,8 @@ mod tests {
         for bad in [
             vec![("date_from", "2025-13-01")],
             vec![("date_from", "2025-11-10"), ("date_to", "2025-11-01")],
-            vec![("group_by", "model")],
+            vec![("group_by", "week")],
+            vec![("source", "email")],
             vec![("limit", "0")],
             vec![("limit", "5000")],
             vec![("offset", "-1")],

@@ -50,6 +50,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "0005_installation_activity"),
     migration!(6, "0006_model_prices"),
     migration!(7, "0007_governance_decisions"),
+    migration!(8, "0008_erased_installations"),
 ];
 
 impl Migration {

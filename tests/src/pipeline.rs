@@ -46,10 +46,11 @@ pub fn processors_config(
     c
 }
 
-pub fn query_config(clickhouse: &ClickHouseArgs) -> usage_query::Config {
+pub fn query_config(kafka: &KafkaArgs, clickhouse: &ClickHouseArgs) -> usage_query::Config {
     let mut c = <usage_query::Config as clap::Parser>::parse_from(["usage-query"]);
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.clickhouse = clickhouse.clone();
+    c.kafka = kafka.clone();
     c.log = quiet_log();
     c
 }
@@ -189,7 +190,7 @@ impl Pipeline {
         } else {
             None
         };
-        let query = usage_query::QueryApi::start(query_config(&clickhouse))
+        let query = usage_query::QueryApi::start(query_config(&kafka, &clickhouse))
             .await
             .unwrap();
         let ingest_addr = gateway.http.addr;

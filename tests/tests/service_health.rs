@@ -91,7 +91,7 @@ async fn processors_are_ready_when_kafka_and_clickhouse_answer() {
 #[tokio::test]
 async fn query_is_ready_when_clickhouse_answers() {
     let clickhouse = migrated_database().await;
-    let config = query_config(&clickhouse);
+    let config = query_config(&usage_e2e::kafka_args(), &clickhouse);
     let api = usage_query::QueryApi::start(config).await.unwrap();
     wait_ready(api.http.addr).await;
     check_health_and_metrics(api.http.addr, "query", &["clickhouse"]).await;

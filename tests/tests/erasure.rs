@@ -1,0 +1,157 @@
+//! The right to erasure, end to end: an installation's rows leave every
+//! ClickHouse table, the gateway forgets it, and a full replay of the events
+//! topic by a new consumer group brings nothing back.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use usage_e2e::pipeline::{admin_token, event, token, Pipeline, Site};
+use usage_e2e::processes::ProcessorProcess;
+use usage_e2e::{eventually, http, unique};
+use usage_query::erasure::TABLES;
+use usage_service_kit::auth::Role;
+
+const BIN: &str = env!("CARGO_BIN_EXE_e2e-processors");
+
+async fn rows(p: &Pipeline, site: &Site) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for table in TABLES {
+        let n: u64 = p
+            .clickhouse
+            .client()
+            .query(&format!(
+                "SELECT count() FROM {table} FINAL WHERE install_id = ?"
+            ))
+            .bind(&site.install_id)
+            .fetch_one()
+            .await
+            .unwrap();
+        out.push((table.to_string(), n));
+    }
+    out
+}
+
+async fn erase(p: &Pipeline, site: &Site, bearer: &str) -> (u16, Value) {
+    let r = http()
+        .delete(format!(
+            "http://{}/api/usage/installations/{}",
+            p.query_addr, site.install_id
+        ))
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+fn now_iso(offset_secs: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::seconds(offset_secs))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[tokio::test]
+async fn an_erased_installation_is_gone_everywhere_and_a_replay_cannot_restore_it() {
+    let p = Pipeline::start(true).await;
+    let (a, b) = (Site::new(1), Site::new(2));
+    assert_eq!(p.register(&a, "free").await.0, 201);
+    assert_eq!(p.register(&b, "pro").await.0, 201);
+    for (site, n) in [(&a, 40u128), (&b, 3)] {
+        let events = (0..n)
+            .map(|i| {
+                event(
+                    i,
+                    &site.user_hash(1),
+                    "bulk",
+                    "gpt-4o-mini",
+                    100,
+                    10,
+                    &now_iso(600 - i as i64),
+                )
+            })
+            .collect();
+        assert_eq!(p.send(site, site.batch(events)).await.0, 200);
+    }
+    let yesterday = (chrono::Utc::now() - chrono::Duration::days(1))
+        .date_naive()
+        .to_string();
+    p.wait_for_requests(&a, &yesterday, 40).await;
+    p.wait_for_requests(&b, &yesterday, 3).await;
+    // The free plan's warning (38 of 50) is in the decisions too.
+    let before = eventually("rows in every table", Duration::from_secs(10), || async {
+        let r = rows(&p, &a).await;
+        r.iter().all(|(_, n)| *n > 0).then_some(r)
+    })
+    .await;
+    let b_before = rows(&p, &b).await;
+
+    // Another account may not erase it; its own account may.
+    let (status, body) = erase(&p, &a, &token(Role::Account, Some(&b.account_id))).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = erase(&p, &a, &token(Role::Account, Some(&a.account_id))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["success"], true);
+    assert_eq!(body["erased"]["install_id"], a.install_id.as_str());
+    for (table, n) in &before {
+        assert_eq!(body["erased"]["removed"][table], *n, "{table}: {body}");
+    }
+    assert_eq!(body["erased"]["removed"]["usage_events"], 40);
+    assert_eq!(body["erased"]["tombstoned"].as_array().unwrap().len(), 2);
+
+    assert!(rows(&p, &a).await.iter().all(|(_, n)| *n == 0));
+    assert_eq!(
+        rows(&p, &b).await,
+        b_before,
+        "the other installation is untouched"
+    );
+    let summary = p
+        .summary(&format!(
+            "install_id={}&date_from={yesterday}",
+            a.install_id
+        ))
+        .await;
+    assert_eq!(summary["data"].as_array().unwrap().len(), 0);
+
+    // The gateway forgot it: its next batch is refused.
+    let status = eventually(
+        "the gateway to forget it",
+        Duration::from_secs(10),
+        || async {
+            let batch = a.batch(vec![event(
+                99,
+                &a.user_hash(1),
+                "bulk",
+                "gpt-4o-mini",
+                1,
+                1,
+                &now_iso(5),
+            )]);
+            let (status, body) = p.send(&a, batch).await;
+            (status != 200).then_some((status, body))
+        },
+    )
+    .await;
+    assert_eq!(status.0, 403, "{}", status.1);
+    assert_eq!(status.1["error"], "unknown_installation");
+
+    // Ops replay the whole events topic into the same database.
+    let replay = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &unique("replay"), &[]);
+    eventually(
+        "the replay to read every event",
+        Duration::from_secs(60),
+        || async { (replay.consumed().await >= 43).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        rows(&p, &a).await.iter().all(|(_, n)| *n == 0),
+        "the replay restored data"
+    );
+    assert_eq!(rows(&p, &b).await, b_before);
+
+    // Erasing again is harmless; other roles may not.
+    let (status, body) = erase(&p, &a, &admin_token()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["erased"]["removed"]["usage_events"], 0);
+    replay.kill().await;
+    p.stop().await;
+}
