@@ -122,6 +122,7 @@ impl Service for IngestService {
         });
         let http = HttpService::start(
             SERVICE,
+            include_str!("../openapi.json"),
             config.listen,
             metrics,
             vec![config.kafka.probe(), registry_probe, governance_probe],

@@ -222,12 +222,19 @@ impl Service for Processors {
         let installations_task = tokio::spawn(installations);
 
         let probes = vec![config.kafka.probe(), config.clickhouse.probe()];
-        let http = HttpService::start(SERVICE, config.listen, metrics, probes, no_routes())
-            .await
-            .map_err(|source| ProcessorError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let http = HttpService::start(
+            SERVICE,
+            include_str!("../openapi.json"),
+            config.listen,
+            metrics,
+            probes,
+            no_routes(),
+        )
+        .await
+        .map_err(|source| ProcessorError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         Ok(Self {
             http,
             shutdown,

@@ -55,12 +55,19 @@ impl Service for QueryApi {
                 kafka: config.kafka.clone(),
             },
         });
-        let http = HttpService::start(SERVICE, config.listen, metrics, probes, routes::routes(api))
-            .await
-            .map_err(|source| QueryError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let http = HttpService::start(
+            SERVICE,
+            include_str!("../openapi.json"),
+            config.listen,
+            metrics,
+            probes,
+            routes::routes(api),
+        )
+        .await
+        .map_err(|source| QueryError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         Ok(Self { http })
     }
 

@@ -14,6 +14,7 @@ use crate::{Metrics, Readiness};
 /// `GET /health`, `GET /ready` and `GET /metrics`.
 pub fn ops_routes(
     service: &'static str,
+    openapi: &'static str,
     readiness: Readiness,
     metrics: Metrics,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
@@ -43,7 +44,17 @@ pub fn ops_routes(
         )
         .into_response()
     });
-    health.or(ready).unify().or(metrics).unify()
+    // The service's OpenAPI document, kept true by tests/tests/openapi.rs.
+    let openapi = warp::path!("openapi.json").and(warp::get()).map(move || {
+        warp::reply::with_header(openapi, "content-type", "application/json").into_response()
+    });
+    health
+        .or(ready)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(openapi)
+        .unify()
 }
 
 /// Binds `addr` (port 0 picks a free port) and returns the bound address with

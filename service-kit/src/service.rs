@@ -29,13 +29,14 @@ impl HttpService {
     /// Binds `listen` and serves `routes` beside the operational routes.
     pub async fn start(
         name: &'static str,
+        openapi: &'static str,
         listen: SocketAddr,
         metrics: Metrics,
         probes: Vec<Probe>,
         routes: BoxedFilter<(Response,)>,
     ) -> std::io::Result<Self> {
         let readiness = Readiness::start(probes, PROBE_INTERVAL, metrics.clone());
-        let all = ops_routes(name, readiness.clone(), metrics.clone())
+        let all = ops_routes(name, openapi, readiness.clone(), metrics.clone())
             .or(routes)
             .unify()
             .boxed();
