@@ -84,7 +84,7 @@ impl Service for IngestService {
             registry: registry.clone(),
             governance: governance.clone(),
             sink,
-            jwt: config.jwt.verifier(),
+            jwt: config.jwt.verifier().map_err(IngestError::Startup)?,
             limits: Limits {
                 max_events: config.max_events,
                 max_future_secs: config.max_future_secs,

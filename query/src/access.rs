@@ -1,9 +1,15 @@
 //! Who may read which installation's usage (the contract's "who may see what").
 //!
 //! - `provider_admin`: every installation;
-//! - `account` and `network_admin`: the installations of their account;
-//! - `site_admin`: the installations listed in the token's `install_ids`;
-//! - `user`: the same, and only rows with the token's own `user_hash`.
+//! - `account`: every installation of its account;
+//! - `network_admin`: the sub-sites of its multisite network, listed in the
+//!   token's `install_ids` by the account system that issues it;
+//! - `site_admin`: the one installation in its `install_ids`;
+//! - `user`: that one installation, and only rows with its own `user_hash`.
+//!
+//! Every role but the provider admin also needs the installation to belong
+//! to the token's account (in the registry), so a token listing a foreign
+//! installation still sees nothing.
 
 use clickhouse::Client;
 use usage_service_kit::auth::{Claims, Role};
@@ -63,22 +69,16 @@ pub async fn scope(
     let install_id =
         install_id.ok_or_else(|| QueryError::BadRequest("install_id is required".into()))?;
     let denied = || QueryError::Forbidden(format!("installation {install_id}"));
-    match claims.role {
-        Role::Account | Role::NetworkAdmin => {
-            if account_of(client, install_id).await?.as_deref() != claims.account_id.as_deref() {
-                return Err(denied());
-            }
-        }
-        Role::SiteAdmin | Role::User => {
-            let listed = claims
-                .install_ids
-                .as_ref()
-                .is_some_and(|ids| ids.iter().any(|i| i == install_id));
-            if !listed {
-                return Err(denied());
-            }
-        }
-        Role::ProviderAdmin => {}
+    let listed = claims.install_ids.as_deref().unwrap_or_default();
+    let allowed = match claims.role {
+        Role::ProviderAdmin | Role::Account => true,
+        Role::NetworkAdmin => listed.iter().any(|i| i == install_id),
+        // One installation: a token listing several is not a site token.
+        Role::SiteAdmin | Role::User => listed.len() == 1 && listed[0] == install_id,
+    };
+    if !allowed || account_of(client, install_id).await?.as_deref() != claims.account_id.as_deref()
+    {
+        return Err(denied());
     }
     let user_hash = if claims.role == Role::User {
         Some(

@@ -17,6 +17,8 @@ pub enum QueryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start: {0}")]
+    Startup(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -40,7 +42,7 @@ pub const RETRY_AFTER_SECS: u32 = 5;
 impl QueryError {
     pub fn status(&self) -> StatusCode {
         match self {
-            QueryError::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            QueryError::Bind { .. } | QueryError::Startup(_) => StatusCode::INTERNAL_SERVER_ERROR,
             QueryError::BadRequest(_) => StatusCode::BAD_REQUEST,
             QueryError::Jwt(_) => StatusCode::UNAUTHORIZED,
             QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -54,7 +56,7 @@ impl QueryError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            QueryError::Bind { .. } => "server_error",
+            QueryError::Bind { .. } | QueryError::Startup(_) => "server_error",
             QueryError::BadRequest(_) => "invalid_parameters",
             QueryError::Jwt(JwtError::Expired) => "token_expired",
             QueryError::Jwt(_) => "invalid_token",

@@ -48,7 +48,7 @@ impl Service for QueryApi {
             .map_err(|e| QueryError::Kafka(format!("producer: {e}")))?;
         let api = Arc::new(routes::Api {
             clickhouse: config.clickhouse.client(),
-            jwt: config.jwt.verifier(),
+            jwt: config.jwt.verifier().map_err(QueryError::Startup)?,
             eraser: erasure::Eraser {
                 clickhouse: config.clickhouse.client(),
                 producer,

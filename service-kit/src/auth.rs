@@ -1,8 +1,12 @@
-//! Bearer JWTs (HS256), shared by the gateway and the query API.
+//! Bearer JWTs, shared by the gateway and the query API.
 //!
-//! Tokens are issued by the provider's account system with a shared HMAC
-//! secret (`USAGE_JWT_SECRET`). Only HS256 is accepted: the `alg` header is
-//! checked, never trusted to pick the algorithm. Claims:
+//! Tokens are issued by the provider's account system, signed either with a
+//! shared HMAC secret (HS256, `USAGE_JWT_SECRET`) or with an RSA private key
+//! whose public key the services hold (RS256, `USAGE_JWT_PUBLIC_KEY_FILE`).
+//! Each key is pinned to its algorithm: an HS256 token is checked with the
+//! secret only and an RS256 token with the public key only, so a token cannot
+//! pick its own algorithm (no "alg: none", no public key used as an HMAC
+//! secret). `USAGE_JWT_RS256_ONLY` refuses HS256 altogether. Claims:
 //!
 //! | claim | meaning |
 //! | --- | --- |
@@ -39,6 +43,17 @@ pub struct JwtArgs {
         hide_default_value = true
     )]
     pub secret: String,
+    /// PEM file with the RSA public key of RS256 tokens (SPKI "PUBLIC KEY"
+    /// or PKCS#1 "RSA PUBLIC KEY"); without it RS256 tokens are refused.
+    #[arg(long = "jwt-public-key-file", env = "USAGE_JWT_PUBLIC_KEY_FILE")]
+    pub public_key_file: Option<std::path::PathBuf>,
+    /// Accept RS256 tokens only (requires the public key).
+    #[arg(
+        long = "jwt-rs256-only",
+        env = "USAGE_JWT_RS256_ONLY",
+        requires = "public_key_file"
+    )]
+    pub rs256_only: bool,
 }
 
 impl std::fmt::Debug for JwtArgs {
@@ -48,16 +63,34 @@ impl std::fmt::Debug for JwtArgs {
         } else {
             "***"
         };
-        f.debug_struct("JwtArgs").field("secret", &shown).finish()
+        f.debug_struct("JwtArgs")
+            .field("secret", &shown)
+            .field("public_key_file", &self.public_key_file)
+            .field("rs256_only", &self.rs256_only)
+            .finish()
     }
 }
 
 impl JwtArgs {
-    pub fn verifier(&self) -> JwtVerifier {
-        if self.secret == DEV_SECRET {
-            tracing::warn!("USAGE_JWT_SECRET is the development default: set it in production");
+    /// The verifier these settings describe; an unreadable or invalid public
+    /// key is a startup error.
+    pub fn verifier(&self) -> Result<JwtVerifier, String> {
+        let mut verifier = if self.rs256_only {
+            JwtVerifier::none()
+        } else {
+            if self.secret == DEV_SECRET {
+                tracing::warn!("USAGE_JWT_SECRET is the development default: set it in production");
+            }
+            JwtVerifier::new(self.secret.as_bytes())
+        };
+        if let Some(path) = &self.public_key_file {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("JWT public key {}: {e}", path.display()))?;
+            verifier = verifier
+                .with_rs256_public_key(&pem)
+                .map_err(|e| format!("JWT public key {}: {e}", path.display()))?;
         }
-        JwtVerifier::new(self.secret.as_bytes())
+        Ok(verifier)
     }
 }
 
@@ -100,7 +133,7 @@ pub enum JwtError {
     Missing,
     #[error("malformed token")]
     Malformed,
-    #[error("unsupported token algorithm (only HS256)")]
+    #[error("token algorithm not accepted (HS256 with the shared secret, or RS256 when a public key is configured)")]
     Algorithm,
     #[error("token signature is invalid")]
     Signature,
@@ -117,20 +150,46 @@ struct Header {
     alg: String,
 }
 
+type RsaVerifyingKey = rsa::pkcs1v15::VerifyingKey<rsa::sha2::Sha256>;
+
 #[derive(Clone)]
 pub struct JwtVerifier {
-    key: Vec<u8>,
+    /// The HS256 secret, if HS256 is accepted.
+    key: Option<Vec<u8>>,
+    /// The RS256 public key, if RS256 is accepted.
+    rsa: Option<RsaVerifyingKey>,
 }
 
 impl JwtVerifier {
+    /// Accepts HS256 tokens signed with `secret`.
     pub fn new(secret: &[u8]) -> Self {
         Self {
-            key: secret.to_vec(),
+            key: Some(secret.to_vec()),
+            rsa: None,
         }
     }
 
-    fn mac(&self) -> HmacSha256 {
-        <HmacSha256 as KeyInit>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!())
+    /// Accepts nothing until a key is added.
+    pub fn none() -> Self {
+        Self {
+            key: None,
+            rsa: None,
+        }
+    }
+
+    /// Also accepts RS256 tokens verified with this PEM public key.
+    pub fn with_rs256_public_key(mut self, pem: &str) -> Result<Self, String> {
+        use rsa::pkcs1::DecodeRsaPublicKey;
+        use rsa::pkcs8::DecodePublicKey;
+        let key = rsa::RsaPublicKey::from_public_key_pem(pem)
+            .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem))
+            .map_err(|e| format!("not an RSA public key in PEM: {e}"))?;
+        self.rsa = Some(RsaVerifyingKey::new(key));
+        Ok(self)
+    }
+
+    fn mac(key: &[u8]) -> HmacSha256 {
+        <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!())
     }
 
     /// Verifies an `Authorization` header value (`Bearer <jwt>`).
@@ -151,16 +210,26 @@ impl JwtVerifier {
             return Err(JwtError::Malformed);
         };
         let header: Header = decode_json(h)?;
-        if header.alg != "HS256" {
-            return Err(JwtError::Algorithm);
-        }
         let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed)?;
-        let mut mac = self.mac();
-        mac.update(h.as_bytes());
-        mac.update(b".");
-        mac.update(p.as_bytes());
-        mac.verify_slice(&signature)
-            .map_err(|_| JwtError::Signature)?;
+        match (header.alg.as_str(), &self.key, &self.rsa) {
+            ("HS256", Some(key), _) => {
+                let mut mac = Self::mac(key);
+                mac.update(h.as_bytes());
+                mac.update(b".");
+                mac.update(p.as_bytes());
+                mac.verify_slice(&signature)
+                    .map_err(|_| JwtError::Signature)?;
+            }
+            ("RS256", _, Some(rsa_key)) => {
+                use rsa::signature::Verifier;
+                let signature = rsa::pkcs1v15::Signature::try_from(signature.as_slice())
+                    .map_err(|_| JwtError::Signature)?;
+                rsa_key
+                    .verify(format!("{h}.{p}").as_bytes(), &signature)
+                    .map_err(|_| JwtError::Signature)?;
+            }
+            _ => return Err(JwtError::Algorithm),
+        }
         let claims: Claims = decode_json(p)?;
         if claims.exp + LEEWAY_SECS < now {
             return Err(JwtError::Expired);
@@ -174,11 +243,13 @@ impl JwtVerifier {
         Ok(claims)
     }
 
-    /// Issues a token (tests, the load generator, `usagectl token`).
+    /// Issues an HS256 token (tests, the load generator, `usagectl token`).
+    /// A verifier without an HMAC secret signs with an empty key, which no
+    /// verifier with a secret accepts.
     pub fn sign(&self, claims: &Claims) -> String {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
-        let mut mac = self.mac();
+        let mut mac = Self::mac(self.key.as_deref().unwrap_or_default());
         mac.update(header.as_bytes());
         mac.update(b".");
         mac.update(payload.as_bytes());
@@ -239,6 +310,116 @@ mod tests {
         let mut same = claims(Role::ProviderAdmin, None, 4_102_444_800);
         same.sub = "ops".into();
         assert_eq!(JwtVerifier::new(b"k").sign(&same), token);
+    }
+
+    const RSA_PUBLIC: &str = include_str!("../testdata/jwt-rs256-test-public.pem");
+    const RSA_PRIVATE: &str = include_str!("../testdata/jwt-rs256-test-private.pem");
+
+    /// Signs RS256 as an account system would (PKCS#1 v1.5, SHA-256).
+    fn sign_rs256(claims: &Claims) -> String {
+        use rsa::pkcs8::DecodePrivateKey;
+        use rsa::signature::{SignatureEncoding, Signer};
+        let key = rsa::RsaPrivateKey::from_pkcs8_pem(RSA_PRIVATE)
+            .or_else(|_| {
+                use rsa::pkcs1::DecodeRsaPrivateKey;
+                rsa::RsaPrivateKey::from_pkcs1_pem(RSA_PRIVATE)
+            })
+            .unwrap();
+        let signer = rsa::pkcs1v15::SigningKey::<rsa::sha2::Sha256>::new(key);
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap());
+        let sig = signer.sign(format!("{header}.{payload}").as_bytes());
+        format!(
+            "{header}.{payload}.{}",
+            URL_SAFE_NO_PAD.encode(sig.to_bytes())
+        )
+    }
+
+    #[test]
+    fn an_rs256_token_made_with_openssl_verifies_with_the_public_key() {
+        let token = include_str!("../testdata/openssl-rs256-token.txt").trim();
+        let v = JwtVerifier::new(b"k")
+            .with_rs256_public_key(RSA_PUBLIC)
+            .unwrap();
+        let claims = v.verify(token, 1_800_000_000).unwrap();
+        assert_eq!(
+            (claims.sub.as_str(), claims.role),
+            ("ops", Role::ProviderAdmin)
+        );
+        // Our test signer makes the same bytes (PKCS#1 v1.5 is deterministic).
+        let mut same = super::tests::claims(Role::ProviderAdmin, None, 4_102_444_800);
+        same.sub = "ops".into();
+        assert_eq!(sign_rs256(&same), token);
+    }
+
+    #[test]
+    fn each_key_is_pinned_to_its_algorithm() {
+        let c = claims(Role::Account, Some("acc_1"), 2_000);
+        let rs = sign_rs256(&c);
+        // Without a public key, RS256 is refused.
+        assert_eq!(
+            JwtVerifier::new(b"k").verify(&rs, 1_000),
+            Err(JwtError::Algorithm)
+        );
+        // RS256-only refuses HS256 even with the right secret...
+        let rs_only = JwtVerifier::none()
+            .with_rs256_public_key(RSA_PUBLIC)
+            .unwrap();
+        assert_eq!(rs_only.verify(&rs, 1_000), Ok(c.clone()));
+        let hs = JwtVerifier::new(b"k").sign(&c);
+        assert_eq!(rs_only.verify(&hs, 1_000), Err(JwtError::Algorithm));
+        // ...and an HS256 token keyed with the public key (algorithm
+        // confusion) is just a bad signature.
+        let confused = JwtVerifier::new(RSA_PUBLIC.as_bytes()).sign(&c);
+        let both = JwtVerifier::new(b"k")
+            .with_rs256_public_key(RSA_PUBLIC)
+            .unwrap();
+        assert_eq!(both.verify(&confused, 1_000), Err(JwtError::Signature));
+        // A tampered payload fails; exp is enforced for RS256 too.
+        let mut parts: Vec<&str> = rs.split('.').collect();
+        let forged = URL_SAFE_NO_PAD.encode(br#"{"sub":"u1","role":"provider_admin","exp":2000}"#);
+        parts[1] = &forged;
+        assert_eq!(
+            both.verify(&parts.join("."), 1_000),
+            Err(JwtError::Signature)
+        );
+        assert_eq!(
+            both.verify(&rs, 2_000 + LEEWAY_SECS + 1),
+            Err(JwtError::Expired)
+        );
+        // "alg": "none" is never accepted.
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&c).unwrap())
+        );
+        assert_eq!(both.verify(&none, 1_000), Err(JwtError::Algorithm));
+        assert!(JwtVerifier::none()
+            .with_rs256_public_key("not a key")
+            .is_err());
+    }
+
+    #[test]
+    fn the_settings_load_the_public_key_file_and_can_refuse_hs256() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/jwt-rs256-test-public.pem");
+        let args = JwtArgs {
+            secret: "s".into(),
+            public_key_file: Some(path.clone()),
+            rs256_only: true,
+        };
+        let v = args.verifier().unwrap();
+        let c = claims(Role::Account, Some("acc_1"), 2_000);
+        assert_eq!(v.verify(&sign_rs256(&c), 1_000), Ok(c.clone()));
+        assert_eq!(
+            v.verify(&JwtVerifier::new(b"s").sign(&c), 1_000),
+            Err(JwtError::Algorithm)
+        );
+        let missing = JwtArgs {
+            public_key_file: Some(path.with_file_name("nope.pem")),
+            ..args
+        };
+        assert!(missing.verifier().is_err());
     }
 
     #[test]
