@@ -27,8 +27,8 @@ pub struct Scope {
 
 async fn account_of(client: &Client, install_id: &str) -> Result<Option<String>, QueryError> {
     let accounts: Vec<String> = client
-        .query("SELECT account_id FROM installation_metadata FINAL WHERE install_id = ?")
-        .bind(install_id)
+        .query("SELECT account_id FROM installation_metadata FINAL WHERE install_id = {id:String}")
+        .param("id", install_id)
         .fetch_all()
         .await?;
     Ok(accounts.into_iter().next())

@@ -192,7 +192,7 @@ fn sql(params: &ExportParams, filter: &str) -> (String, &'static str) {
                     "SELECT concat({}, ',', {}, ',', {}, ',', {}, ',', {}, ',', toString(prompt_tokens), ',',
                             toString(completion_tokens), ',', toString(total_tokens), ',', toString(cost_usd), ',',
                             {}, ',', ifNull({}, ''))
-                     FROM usage_events FINAL WHERE {filter} ORDER BY created_at, event_id",
+                     FROM usage_events FINAL WHERE {filter} ORDER BY install_id, toDate(created_at), created_at, event_id",
                     csv("event_id"),
                     csv("install_id"),
                     csv("user_hash"),
@@ -211,7 +211,7 @@ fn sql(params: &ExportParams, filter: &str) -> (String, &'static str) {
                      FROM (SELECT event_id, install_id, user_hash, toString(source) AS k_source,
                                   toString(model) AS k_model, prompt_tokens, completion_tokens, total_tokens,
                                   cost_usd AS k_cost, {} AS k_created, {} AS k_processed
-                           FROM usage_events FINAL WHERE {filter} ORDER BY created_at, event_id)",
+                           FROM usage_events FINAL WHERE {filter} ORDER BY install_id, toDate(created_at), created_at, event_id)",
                     iso("created_at"),
                     iso("processed_at"),
                 ),

@@ -85,6 +85,8 @@ struct InstallationRow {
     cost: String,
     unique_users: u64,
     active_days: u64,
+    /// Installations in the range (a window over the groups, before LIMIT).
+    groups: u64,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -125,12 +127,13 @@ pub async fn installations(
                 u.total_requests AS total_requests, u.prompt_tokens AS prompt_tokens,
                 u.completion_tokens AS completion_tokens, u.total_tokens AS total_tokens,
                 toString(u.cost_decimal) AS cost, u.unique_users AS unique_users,
-                u.active_days AS active_days
+                u.active_days AS active_days, u.groups AS groups
          FROM (
              SELECT install_id, sum(requests) AS total_requests, sum(prompt_tokens) AS prompt_tokens,
                     sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
                     sum(cost_usd) AS cost_decimal, uniqExact(user_hash) AS unique_users,
-                    uniqExact(date) AS active_days, max(date) AS last_date
+                    uniqExact(date) AS active_days, max(date) AS last_date,
+                    count() OVER () AS groups
              FROM usage_daily FINAL
              WHERE date >= {{date_from:Date}} AND date <= {{date_to:Date}}
              GROUP BY install_id
@@ -161,12 +164,18 @@ pub async fn installations(
         .param("offset", params.offset)
         .fetch_all()
         .await?;
-    let total: u64 = bind(client.query(
-        "SELECT uniqExact(install_id) FROM usage_daily
-         WHERE date >= {date_from:Date} AND date <= {date_to:Date}",
-    ))
-    .fetch_one()
-    .await?;
+    let total: u64 = match rows.first() {
+        Some(r) => r.groups,
+        None if params.offset == 0 => 0,
+        None => {
+            bind(client.query(
+                "SELECT uniqExact(install_id) FROM usage_daily
+                 WHERE date >= {date_from:Date} AND date <= {date_to:Date}",
+            ))
+            .fetch_one()
+            .await?
+        }
+    };
     let items = rows
         .into_iter()
         .map(|r| InstallationItem {

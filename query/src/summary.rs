@@ -133,6 +133,10 @@ pub fn bind_scoped(
     filters.bind(q)
 }
 
+/// install_id, dimension, requests, prompt, completion, total tokens, cost,
+/// number of groups.
+type SummaryRow = (String, String, u64, u64, u64, u64, String, u64);
+
 pub async fn summary(
     client: &Client,
     params: &SummaryParams,
@@ -144,23 +148,33 @@ pub async fn summary(
     let sql = format!(
         "SELECT install_id, {dimension} AS dim,
                 sum(requests) AS total_requests, sum(prompt_tokens) AS p, sum(completion_tokens) AS c,
-                sum(total_tokens) AS total_tokens, toString(sum(cost_usd)) AS cost
+                sum(total_tokens) AS total_tokens, toString(sum(cost_usd)) AS cost,
+                count() OVER () AS groups
          FROM usage_daily FINAL
          WHERE {filter}
          GROUP BY install_id, dim
          ORDER BY {order}, install_id
          LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}"
     );
-    let rows: Vec<(String, String, u64, u64, u64, u64, String)> = bind(client.query(&sql))
+    // The number of groups comes with the page (a window over the groups,
+    // before LIMIT): one pass over the rollup instead of two.
+    let rows: Vec<SummaryRow> = bind(client.query(&sql))
         .param("limit", params.limit)
         .param("offset", params.offset)
         .fetch_all()
         .await?;
-    let total: u64 = bind(client.query(&format!(
-        "SELECT count() FROM (SELECT 1 FROM usage_daily FINAL WHERE {filter} GROUP BY install_id, {dimension})"
-    )))
-    .fetch_one()
-    .await?;
+    let total = match rows.first() {
+        Some(r) => r.7,
+        None if params.offset == 0 => 0,
+        // A page past the end: count separately.
+        None => {
+            bind(client.query(&format!(
+                "SELECT count() FROM (SELECT 1 FROM usage_daily FINAL WHERE {filter} GROUP BY install_id, {dimension})"
+            )))
+            .fetch_one()
+            .await?
+        }
+    };
 
     let items = rows
         .into_iter()
@@ -173,6 +187,7 @@ pub async fn summary(
                 completion_tokens,
                 total_tokens,
                 cost,
+                _groups,
             )| {
                 let mut item = SummaryItem {
                     install_id,
