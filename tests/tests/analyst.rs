@@ -45,6 +45,23 @@ async fn the_analyst_runs_the_documented_queries_and_cannot_write() {
     let today = chrono::Utc::now().date_naive().to_string();
     p.wait_for_requests(&free, &today, 40).await;
     p.wait_for_requests(&pro, &today, 5).await;
+    // The free plan's warning (38 of 50) reaches the history table just
+    // after the rollups: example 5 reads it.
+    usage_e2e::eventually(
+        "the cap warning",
+        std::time::Duration::from_secs(10),
+        || async {
+            let n: u64 = p
+                .clickhouse
+                .client()
+                .query("SELECT count() FROM governance_decisions FINAL")
+                .fetch_one()
+                .await
+                .unwrap();
+            (n > 0).then_some(())
+        },
+    )
+    .await;
 
     let analyst = ClickHouseArgs {
         user: "analyst".into(),
