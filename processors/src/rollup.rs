@@ -119,26 +119,19 @@ pub async fn flush(
     }
 
     let erased = erased_at(client, events.iter().map(|e| e.install_id.as_str())).await?;
+    let gone = |e: &UsageEvent| {
+        erased
+            .get(e.install_id.as_str())
+            .is_some_and(|at| e.received_at <= *at)
+    };
+    report.erased = events.iter().filter(|e| gone(e)).count();
     // First occurrence in the batch wins, like first write wins across batches.
     let mut seen = HashSet::with_capacity(events.len());
     let unique: Vec<(usize, &UsageEvent)> = events
         .iter()
         .enumerate()
-        .filter(|(_, e)| {
-            let gone = erased
-                .get(e.install_id.as_str())
-                .is_some_and(|at| e.received_at <= *at);
-            !gone && seen.insert((e.install_id.as_str(), e.event_id.as_str()))
-        })
+        .filter(|(_, e)| !gone(e) && seen.insert((e.install_id.as_str(), e.event_id.as_str())))
         .collect();
-    report.erased = events
-        .iter()
-        .filter(|e| {
-            erased
-                .get(e.install_id.as_str())
-                .is_some_and(|at| e.received_at <= *at)
-        })
-        .count();
     if report.erased > 0 {
         tracing::info!(
             dropped = report.erased,

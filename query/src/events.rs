@@ -218,12 +218,7 @@ pub async fn events(
 mod tests {
     use super::*;
 
-    fn q(pairs: &[(&str, &str)]) -> Query {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::params::query_of as q;
 
     fn today() -> NaiveDate {
         "2025-11-30".parse().unwrap()

@@ -208,12 +208,7 @@ pub async fn installations(
 mod tests {
     use super::*;
 
-    fn q(pairs: &[(&str, &str)]) -> Query {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::params::query_of as q;
 
     #[test]
     fn defaults_and_refusals() {

@@ -18,6 +18,15 @@ pub const SOURCES: [&str; 4] = ["inline", "bulk", "queue", "manual"];
 
 pub type Query = HashMap<String, String>;
 
+/// A query string from pairs (the parsers' tests).
+#[cfg(test)]
+pub fn query_of(pairs: &[(&str, &str)]) -> Query {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 pub fn date(params: &Query, name: &str) -> Result<Option<NaiveDate>, QueryError> {
     params
         .get(name)
@@ -159,12 +168,7 @@ impl Filters {
 mod tests {
     use super::*;
 
-    fn q(pairs: &[(&str, &str)]) -> Query {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use super::query_of as q;
 
     #[test]
     fn the_default_range_is_the_last_30_days() {

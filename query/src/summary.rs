@@ -233,11 +233,10 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> Result<SummaryParams, QueryError> {
-        let map = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        SummaryParams::parse(&map, "2025-11-30".parse().unwrap())
+        SummaryParams::parse(
+            &crate::params::query_of(pairs),
+            "2025-11-30".parse().unwrap(),
+        )
     }
 
     #[test]

@@ -292,6 +292,22 @@ impl Pipeline {
         .await
     }
 
+    /// Waits until `installation_metadata` (the registry's mirror, which
+    /// follows registrations within ~200 ms) holds `n` installations.
+    pub async fn wait_for_registry_mirror(&self, n: u64) {
+        eventually("the registry mirror", Duration::from_secs(10), || async {
+            let rows: u64 = self
+                .clickhouse
+                .client()
+                .query("SELECT count() FROM installation_metadata FINAL")
+                .fetch_one()
+                .await
+                .unwrap();
+            (rows == n).then_some(())
+        })
+        .await;
+    }
+
     pub async fn stop(mut self) {
         if let Some(p) = self.processors.take() {
             p.stop().await;

@@ -4,8 +4,6 @@
 //! Account X owns a multisite network of two sub-sites (A1, A2); account Y
 //! owns B. A1 has 3 generations by user 1 and 2 by user 2, A2 has 4, B has 6.
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 use usage_e2e::http;
 use usage_e2e::pipeline::{admin_token, event, Pipeline, Site};
@@ -115,17 +113,7 @@ async fn every_role_sees_exactly_its_own_rows_on_every_endpoint() {
     for (site, users) in &data {
         p.wait_for_requests(site, &today, users.len() as u64).await;
     }
-    usage_e2e::eventually("the registry mirror", Duration::from_secs(10), || async {
-        let n: u64 = p
-            .clickhouse
-            .client()
-            .query("SELECT count() FROM installation_metadata FINAL")
-            .fetch_one()
-            .await
-            .unwrap();
-        (n == 3).then_some(())
-    })
-    .await;
+    p.wait_for_registry_mirror(3).await;
 
     let x = Some(a1.account_id.as_str());
     let roles = [

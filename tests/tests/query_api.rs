@@ -613,18 +613,7 @@ async fn the_csv_export_is_the_contracts_bytes_and_json_lines_match_it() {
 async fn provider_admins_list_installations_with_totals_plan_and_level() {
     let (p, sites) = loaded().await;
     let (a, b) = (&sites[0], &sites[1]);
-    // The registry's mirror in ClickHouse follows registrations within ~200 ms.
-    usage_e2e::eventually("the registry mirror", Duration::from_secs(10), || async {
-        let n: u64 = p
-            .clickhouse
-            .client()
-            .query("SELECT count() FROM installation_metadata FINAL")
-            .fetch_one()
-            .await
-            .unwrap();
-        (n == 2).then_some(())
-    })
-    .await;
+    p.wait_for_registry_mirror(2).await;
     let (status, list) = get(
         &p,
         &format!("/api/usage/installations?date_from={}", day(5)),
