@@ -566,7 +566,28 @@ async fn the_csv_export_is_the_contracts_bytes_and_json_lines_match_it() {
         assert_eq!(o["total_tokens"], prompt + completion);
     }
 
-    // Raw events, CSV: a header and one line per event, oldest first.
+    // Two writers racing on one event during a rebalance leave an unmerged
+    // copy in usage_events: the raw export must still list the event once.
+    p.clickhouse
+        .client()
+        .query("INSERT INTO usage_events SELECT * FROM usage_events WHERE install_id = ? AND event_id = ?")
+        .bind(&a.install_id)
+        .bind(format!("evt_{:032x}", 1))
+        .execute()
+        .await
+        .unwrap();
+    let stored: u64 = p
+        .clickhouse
+        .client()
+        .query("SELECT count() FROM usage_events WHERE install_id = ?")
+        .bind(&a.install_id)
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(stored, 7, "the copy is stored beside the original");
+
+    // Raw events, CSV: a header and one line per event, by installation, day
+    // and event id.
     let r = export(
         &p,
         json!({"install_id": a.install_id, "date_from": day(5).to_string(), "group_by": "events"}),
@@ -586,6 +607,36 @@ async fn the_csv_export_is_the_contracts_bytes_and_json_lines_match_it() {
             at(3, "10:00:00.000"),
             at(3, "10:00:00.000")
         )
+    );
+    let ids: Vec<&str> = lines[1..].iter().map(|l| &l[..36]).collect();
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(ids, unique, "each event once");
+
+    // Raw events as JSON Lines: the same six events, with typed fields.
+    let r = export(
+        &p,
+        json!({"install_id": a.install_id, "date_from": day(5).to_string(), "group_by": "events", "format": "jsonl"}),
+    )
+    .await;
+    assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    let objects: Vec<Value> = r
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(objects.len(), 6);
+    assert_eq!(
+        objects[0],
+        json!({
+            "event_id": format!("evt_{:032x}", 1), "install_id": a.install_id,
+            "user_hash": a.user_hash(1), "source": "inline", "model": "gpt-4o-mini",
+            "prompt_tokens": 150, "completion_tokens": 25, "total_tokens": 175,
+            "estimated_cost_usd": 0.0000375,
+            "created_at": at(3, "10:00:00.000"), "processed_at": at(3, "10:00:00.000")
+        })
     );
 
     // Refusals in the contract's error shape.

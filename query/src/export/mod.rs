@@ -6,15 +6,17 @@
 //! (the contract's rows: one per day, user hash and source), `user`,
 //! `source`, `model` or `events` (raw events); `format` is `csv` or `jsonl`.
 //!
-//! ClickHouse renders every line (CSV fields quoted only when they must be,
-//! RFC 4180), and the bytes go to the client in the chunks ClickHouse sends,
-//! through a small bounded channel: memory stays flat whatever the size, and
-//! a slow client slows the query instead of filling memory. The first chunk
-//! is read before answering, so a failing query is still a proper error
-//! status; a failure after that cuts the transfer short (the chunked
-//! encoding is not terminated), which clients report as an incomplete body.
+//! Grouped rows are rendered by ClickHouse (CSV fields quoted only when they
+//! must be, RFC 4180) and passed through in the chunks it sends; raw events
+//! are read as RowBinary and rendered here, which spares ClickHouse `FINAL`
+//! (see `raw_events`). Either way the bytes go to the client through a small
+//! bounded channel: memory stays flat whatever the size, and a slow client
+//! slows the query instead of filling memory. The first rows are read before
+//! answering, so a failing query is still a proper error status; a failure
+//! after that cuts the transfer short (the chunked encoding is not
+//! terminated), which clients report as an incomplete body.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use chrono::NaiveDate;
 use clickhouse::Client;
 use serde::Deserialize;
@@ -27,11 +29,14 @@ use crate::error::QueryError;
 use crate::params::{DateRange, Filters, Query};
 use crate::summary::{bind_scoped, scoped_where};
 
+mod raw_events;
+
+use raw_events::{RawEvent, Repeats};
+
 /// The contract's CSV header for `group_by` day, user and source.
 pub const CONTRACT_HEADER: &str =
     "Date,User Hash,Source,Requests,Prompt Tokens,Completion Tokens,Total Tokens,Cost USD";
 const MODEL_HEADER: &str = "Model,Requests,Prompt Tokens,Completion Tokens,Total Tokens,Cost USD";
-const EVENTS_HEADER: &str = "Event ID,Install ID,User Hash,Source,Model,Prompt Tokens,Completion Tokens,Total Tokens,Cost USD,Created At,Processed At";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportGroup {
@@ -118,13 +123,6 @@ impl ExportParams {
     }
 }
 
-/// A DateTime64(3) as ISO 8601 with milliseconds and `Z` (NULL stays NULL).
-fn iso(expr: &str) -> String {
-    format!(
-        "concat(formatDateTime({expr}, '%Y-%m-%dT%H:%i:%S'), '.', leftPad(toString(toUnixTimestamp64Milli({expr}) % 1000), 3, '0'), 'Z')"
-    )
-}
-
 /// A string column as an RFC 4180 field: quoted only when it must be.
 fn csv(expr: &str) -> String {
     format!(
@@ -181,44 +179,11 @@ fn rollup(group: ExportGroup, filter: &str) -> String {
     )
 }
 
-/// The SELECT producing one CSV line per row (`csv`) or one JSON object per
-/// row (`jsonl`), and the CSV header.
+/// The SELECT producing one CSV line per grouped row (`csv`) or one JSON
+/// object per row (`jsonl`), and the CSV header. Raw events are rendered
+/// in [`raw_events`] instead.
 fn sql(params: &ExportParams, filter: &str) -> (String, &'static str) {
     let group = params.group_by;
-    if group == ExportGroup::Events {
-        return match params.format {
-            Format::Csv => (
-                format!(
-                    "SELECT concat({}, ',', {}, ',', {}, ',', {}, ',', {}, ',', toString(prompt_tokens), ',',
-                            toString(completion_tokens), ',', toString(total_tokens), ',', toString(cost_usd), ',',
-                            {}, ',', ifNull({}, ''))
-                     FROM usage_events FINAL WHERE {filter} ORDER BY install_id, toDate(created_at), created_at, event_id",
-                    csv("event_id"),
-                    csv("install_id"),
-                    csv("user_hash"),
-                    csv("toString(source)"),
-                    csv("toString(model)"),
-                    iso("created_at"),
-                    iso("processed_at"),
-                ),
-                EVENTS_HEADER,
-            ),
-            Format::JsonLines => (
-                format!(
-                    "SELECT event_id, install_id, user_hash, k_source AS source, k_model AS model,
-                            prompt_tokens, completion_tokens, total_tokens, k_cost AS estimated_cost_usd,
-                            k_created AS created_at, k_processed AS processed_at
-                     FROM (SELECT event_id, install_id, user_hash, toString(source) AS k_source,
-                                  toString(model) AS k_model, prompt_tokens, completion_tokens, total_tokens,
-                                  cost_usd AS k_cost, {} AS k_created, {} AS k_processed
-                           FROM usage_events FINAL WHERE {filter} ORDER BY install_id, toDate(created_at), created_at, event_id)",
-                    iso("created_at"),
-                    iso("processed_at"),
-                ),
-                "",
-            ),
-        };
-    }
     let rows = rollup(group, filter);
     match params.format {
         Format::Csv => {
@@ -264,6 +229,12 @@ fn sql(params: &ExportParams, filter: &str) -> (String, &'static str) {
     }
 }
 
+/// The body's chunks on their way to the client.
+type Chunks = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// Bytes rendered before they are handed to the client, for raw events.
+const CHUNK_BYTES: usize = 64 * 1024;
+
 /// Starts the export and answers with its streamed body.
 pub async fn export(
     client: &Client,
@@ -271,59 +242,21 @@ pub async fn export(
     scope: &Scope,
     today: NaiveDate,
 ) -> Result<Response, QueryError> {
-    let date_column = if params.group_by == ExportGroup::Events {
-        "toDate(created_at)"
-    } else {
-        "date"
-    };
-    let filter = scoped_where(date_column, scope, &params.filters);
-    let (select, header) = sql(params, &filter);
-    let (format, content_type, extension) = match params.format {
-        Format::Csv => ("TabSeparatedRaw", "text/csv; charset=utf-8", "csv"),
-        Format::JsonLines => ("JSONEachRow", "application/x-ndjson", "jsonl"),
-    };
-    // Uncompressed: the bytes are passed through as they come, and LZ4 on
-    // both ends of a local link cost more CPU than they save.
+    // Uncompressed: LZ4 on both ends of a local link costs more CPU than it
+    // saves, and the two cores are shared with ClickHouse.
     let client = client
         .clone()
         .with_compression(clickhouse::Compression::None);
-    let query = bind_scoped(client.query(&select), &params.range, scope, &params.filters)
-        // Counts as JSON numbers, as in every other answer.
-        .with_setting("output_format_json_quote_64bit_integers", "0")
-        .with_setting("output_format_json_quote_decimals", "0");
-    let mut cursor = query.fetch_bytes(format)?;
-    // Read before answering: a failing query is still a proper error status.
-    let first = cursor.next().await?;
-    let prefix = if header.is_empty() {
-        Bytes::new()
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    if params.group_by == ExportGroup::Events {
+        start_raw_events(&client, params, scope, tx).await?;
     } else {
-        Bytes::from(format!("{header}\n"))
+        start_rollup(&client, params, scope, tx).await?;
+    }
+    let (content_type, extension) = match params.format {
+        Format::Csv => ("text/csv; charset=utf-8", "csv"),
+        Format::JsonLines => ("application/x-ndjson", "jsonl"),
     };
-
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::spawn(async move {
-        for chunk in [Some(prefix), first].into_iter().flatten() {
-            if tx.send(Ok(chunk)).await.is_err() {
-                return;
-            }
-        }
-        loop {
-            match cursor.next().await {
-                Ok(Some(chunk)) => {
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        // The client went away: dropping the cursor cancels the query.
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(err) => {
-                    tracing::warn!(%err, "export failed mid-stream; the transfer is cut short");
-                    let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
-                    return;
-                }
-            }
-        }
-    });
     let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut response = warp::reply::stream(body).into_response();
     let headers = response.headers_mut();
@@ -333,6 +266,121 @@ pub async fn export(
         headers.insert("content-disposition", v);
     }
     Ok(response)
+}
+
+/// Hands one chunk to the client; false once it went away (dropping the
+/// cursor then cancels the query).
+async fn send(tx: &Chunks, chunk: Bytes) -> bool {
+    tx.send(Ok(chunk)).await.is_ok()
+}
+
+/// Cuts the transfer short: the chunked encoding is not terminated, which
+/// clients report as an incomplete body.
+async fn fail(tx: &Chunks, err: clickhouse::error::Error) {
+    tracing::warn!(%err, "export failed mid-stream; the transfer is cut short");
+    let _ = tx.send(Err(std::io::Error::other(err.to_string()))).await;
+}
+
+/// Grouped rows, rendered by ClickHouse and passed through as they come.
+async fn start_rollup(
+    client: &Client,
+    params: &ExportParams,
+    scope: &Scope,
+    tx: Chunks,
+) -> Result<(), QueryError> {
+    let filter = scoped_where("date", scope, &params.filters);
+    let (select, header) = sql(params, &filter);
+    let format = match params.format {
+        Format::Csv => "TabSeparatedRaw",
+        Format::JsonLines => "JSONEachRow",
+    };
+    let query = bind_scoped(client.query(&select), &params.range, scope, &params.filters)
+        // Counts as JSON numbers, as in every other answer.
+        .with_setting("output_format_json_quote_64bit_integers", "0")
+        .with_setting("output_format_json_quote_decimals", "0");
+    let mut cursor = query.fetch_bytes(format)?;
+    // Read before answering: a failing query is still a proper error status.
+    let first = cursor.next().await?;
+    let prefix = (!header.is_empty()).then(|| Bytes::from(format!("{header}\n")));
+    tokio::spawn(async move {
+        for chunk in [prefix, first].into_iter().flatten() {
+            if !send(&tx, chunk).await {
+                return;
+            }
+        }
+        loop {
+            match cursor.next().await {
+                Ok(Some(chunk)) => {
+                    if !send(&tx, chunk).await {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(err) => return fail(&tx, err).await,
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Raw events, read as RowBinary in the table's order, copies dropped and
+/// lines rendered here (see [`raw_events`]).
+async fn start_raw_events(
+    client: &Client,
+    params: &ExportParams,
+    scope: &Scope,
+    tx: Chunks,
+) -> Result<(), QueryError> {
+    let filter = scoped_where("toDate(created_at)", scope, &params.filters);
+    let select = format!(
+        "SELECT {} FROM usage_events WHERE {filter} {}",
+        raw_events::COLUMNS,
+        raw_events::ORDER
+    );
+    // Plain RowBinary, without the per-row type checks: the hot loop of the
+    // export. The row type is pinned by the export's integration test.
+    let client = client.clone().with_validation(false);
+    let mut cursor = bind_scoped(client.query(&select), &params.range, scope, &params.filters)
+        .fetch::<RawEvent<'static>>()?;
+    let write = match params.format {
+        Format::Csv => raw_events::write_csv,
+        Format::JsonLines => raw_events::write_json_line,
+    };
+    let mut out = BytesMut::with_capacity(2 * CHUNK_BYTES);
+    if params.format == Format::Csv {
+        out.put_slice(raw_events::CSV_HEADER.as_bytes());
+        out.put_u8(b'\n');
+    }
+    let mut repeats = Repeats::default();
+    // Read before answering: a failing query is still a proper error status.
+    if let Some(first) = cursor.next().await? {
+        repeats.is_repeat(&first);
+        write(&mut out, &first);
+    }
+    tokio::spawn(async move {
+        let mut copies = 0u64;
+        loop {
+            match cursor.next().await {
+                Ok(Some(event)) if repeats.is_repeat(&event) => copies += 1,
+                Ok(Some(event)) => write(&mut out, &event),
+                Ok(None) => break,
+                Err(err) => return fail(&tx, err).await,
+            }
+            if out.len() >= CHUNK_BYTES && !send(&tx, out.split().freeze()).await {
+                return;
+            }
+        }
+        if copies > 0 {
+            tracing::info!(
+                copies,
+                "raw export dropped unmerged copies of stored events"
+            );
+        }
+        if !out.is_empty() {
+            send(&tx, out.freeze()).await;
+        }
+    });
+    Ok(())
 }
 
 #[cfg(test)]
