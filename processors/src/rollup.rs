@@ -12,9 +12,10 @@
 //!    every reader below reads with FINAL.
 //! 2. Rollups are never incremented. For every (install_id, day) the batch
 //!    touches, stored or not, the daily rows are recomputed from the raw
-//!    events (FINAL) and inserted with a higher version; then the same for
-//!    every (install_id, month) from the daily rows. A rollup row is thus a
-//!    pure function of the deduplicated raw events: a crash anywhere between
+//!    events (FINAL) and inserted with a higher version; then the same, from
+//!    the daily rows, for the (install_id, day) rows of `usage_install_daily`
+//!    and the (install_id, month) rows of `usage_monthly`. A rollup row is
+//!    thus a pure function of the deduplicated raw events: a crash anywhere between
 //!    the steps is repaired by the redelivered batch, and replaying the topic
 //!    from any offset recomputes the same numbers instead of adding to them.
 //! 3. Offsets are committed only after all of this returned (`consumer`), so
@@ -171,6 +172,7 @@ pub async fn flush(
         .map(|(i, d)| (i.clone(), month_of(*d)))
         .collect();
     recompute(client, RECOMPUTE_DAILY, &days).await?;
+    recompute(client, RECOMPUTE_INSTALL_DAILY, &days).await?;
     recompute(client, RECOMPUTE_MONTHLY, &months).await?;
     report.days_recomputed = days.len();
     report.months_recomputed = months.len();
@@ -237,6 +239,16 @@ const RECOMPUTE_DAILY: &str = "INSERT INTO usage_daily
      FROM usage_events FINAL
      WHERE (install_id, toDate(created_at)) IN ({keys})
      GROUP BY install_id, day, user_hash, source, model";
+
+/// Recomputes the one row of every (install_id, day) in `days` from its
+/// daily rows, just recomputed.
+const RECOMPUTE_INSTALL_DAILY: &str = "INSERT INTO usage_install_daily
+        (date, install_id, requests, prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
+     SELECT date, install_id, sum(requests), sum(prompt_tokens), sum(completion_tokens),
+            sum(total_tokens), sum(cost_usd), toUnixTimestamp64Nano(now64(9))
+     FROM usage_daily FINAL
+     WHERE (install_id, date) IN ({keys})
+     GROUP BY install_id, date";
 
 /// Recomputes the monthly rows of every (install_id, month) from the daily ones.
 const RECOMPUTE_MONTHLY: &str = "INSERT INTO usage_monthly

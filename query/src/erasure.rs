@@ -26,9 +26,10 @@ use crate::error::QueryError;
 use crate::events::iso_millis;
 
 /// Every table holding per-installation data.
-pub const TABLES: [&str; 6] = [
+pub const TABLES: [&str; 7] = [
     "usage_events",
     "usage_daily",
+    "usage_install_daily",
     "usage_monthly",
     "installation_activity",
     "installation_metadata",

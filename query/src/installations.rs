@@ -7,7 +7,9 @@
 //! (`desc` default, `asc`), `limit` (1..=500, default 50), `offset`.
 //! Ties are broken by install_id, so pages are stable.
 //!
-//! Totals come from `usage_daily` (exact, deduplicated), first/last seen from
+//! Totals come from `usage_install_daily` (one row per installation and day;
+//! exact, deduplicated), unique users and active days of the page's
+//! installations from `usage_daily`, first/last seen from
 //! `installation_activity` (all time), the plan from `installation_metadata`
 //! and the level from this month's cap decisions in `governance_decisions`.
 
@@ -134,7 +136,7 @@ pub async fn installations(
                     sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
                     sum(cost_usd) AS cost_decimal, max(date) AS last_date,
                     count() OVER () AS groups
-             FROM usage_daily FINAL
+             FROM usage_install_daily FINAL
              WHERE date >= {{date_from:Date}} AND date <= {{date_to:Date}}
              GROUP BY install_id
              ORDER BY {sort} {order}, install_id
@@ -170,7 +172,7 @@ pub async fn installations(
         None if params.offset == 0 => 0,
         None => {
             bind(client.query(
-                "SELECT uniqExact(install_id) FROM usage_daily
+                "SELECT uniqExact(install_id) FROM usage_install_daily
                  WHERE date >= {date_from:Date} AND date <= {date_to:Date}",
             ))
             .fetch_one()

@@ -51,6 +51,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(6, "0006_model_prices"),
     migration!(7, "0007_governance_decisions"),
     migration!(8, "0008_erased_installations"),
+    migration!(9, "0009_usage_install_daily"),
 ];
 
 impl Migration {
@@ -234,10 +235,17 @@ mod tests {
             let statements = m.statements();
             assert!(!statements.is_empty(), "{} has no statement", m.name);
             for s in statements {
-                // DDL says IF NOT EXISTS; seed INSERTs go to ReplacingMergeTree
-                // tables, where inserting the same keys again changes nothing.
+                // DDL says IF NOT EXISTS; seed and backfill INSERTs go to
+                // ReplacingMergeTree tables, where inserting the same keys
+                // again (with the same values) changes nothing.
+                let idempotent_insert = [
+                    "INSERT INTO model_prices",
+                    "INSERT INTO usage_install_daily",
+                ]
+                .iter()
+                .any(|table| s.starts_with(table));
                 assert!(
-                    s.contains("IF NOT EXISTS") || s.starts_with("INSERT INTO model_prices"),
+                    s.contains("IF NOT EXISTS") || idempotent_insert,
                     "{}: statement is not idempotent: {s}",
                     m.name
                 );

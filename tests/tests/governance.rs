@@ -513,6 +513,18 @@ async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
         }
     };
     assert_eq!(sums(&rebuilt).await, sums(&p.clickhouse).await);
+    let install_daily = |c: &usage_service_kit::clickhouse::ClickHouseArgs| {
+        let c = c.client();
+        async move {
+            c.query("SELECT install_id, toString(date), requests, total_tokens, toString(cost_usd) FROM usage_install_daily FINAL ORDER BY install_id, date")
+                .fetch_all::<(String, String, u64, u64, String)>()
+                .await
+                .unwrap()
+        }
+    };
+    let rebuilt_days = install_daily(&rebuilt).await;
+    assert!(!rebuilt_days.is_empty());
+    assert_eq!(rebuilt_days, install_daily(&p.clickhouse).await);
     replay.kill().await;
     usage_e2e::drop_database(&rebuilt).await;
     p.stop().await;

@@ -49,8 +49,9 @@ async fn send_batches(
     ((batches * per_batch) as u64, tokens)
 }
 
-/// Requests and tokens in the summary (by day) and in the raw table.
-async fn totals(p: &Pipeline, site: &Site) -> ((u64, u64), (u64, u64)) {
+/// Requests and tokens in the summary (by day), in the raw table and in the
+/// per-installation daily rollup.
+async fn totals(p: &Pipeline, site: &Site) -> [(u64, u64); 3] {
     let from = (chrono::Utc::now() - chrono::Duration::days(2)).date_naive();
     let s = p
         .summary(&format!(
@@ -60,25 +61,31 @@ async fn totals(p: &Pipeline, site: &Site) -> ((u64, u64), (u64, u64)) {
         .await;
     let rows = s["data"].as_array().unwrap();
     let sum = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
-    (
+    let install_daily: (u64, u64) = p
+        .clickhouse
+        .client()
+        .query("SELECT sum(requests), sum(total_tokens) FROM usage_install_daily FINAL WHERE install_id = ?")
+        .bind(&site.install_id)
+        .fetch_one()
+        .await
+        .unwrap();
+    [
         (sum("total_requests"), sum("total_tokens")),
         p.raw_totals(site).await,
-    )
+        install_daily,
+    ]
 }
 
 async fn wait_exact(p: &Pipeline, site: &Site, expected: (u64, u64)) {
     eventually(
-        "exact totals in summary and raw table",
+        "exact totals in summary, raw table and rollup",
         Duration::from_secs(60),
-        || async {
-            let (summary, raw) = totals(p, site).await;
-            (summary == expected && raw == expected).then_some(())
-        },
+        || async { (totals(p, site).await == [expected; 3]).then_some(()) },
     )
     .await;
     // And they stay exact (nothing late adds to them).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(totals(p, site).await, (expected, expected));
+    assert_eq!(totals(p, site).await, [expected; 3]);
 }
 
 #[tokio::test]

@@ -157,6 +157,16 @@ async fn generate(
     .with_setting("max_bytes_before_external_group_by", "2000000000")
     .execute()
     .await?;
+    ch.query(
+        "INSERT INTO usage_install_daily (date, install_id, requests, prompt_tokens, completion_tokens,
+             total_tokens, cost_usd, version)
+         SELECT date, install_id, sum(requests), sum(prompt_tokens), sum(completion_tokens),
+                sum(total_tokens), sum(cost_usd), 1
+         FROM usage_daily GROUP BY install_id, date",
+    )
+    .with_setting("max_bytes_before_external_group_by", "2000000000")
+    .execute()
+    .await?;
     ch.query(&format!(
         "INSERT INTO installation_metadata (install_id, account_id, plan, site_hash, wp_site_id, is_multisite,
              plugin_version, wordpress_version, php_version, signature_policy, registered_at, updated_at, revision)
