@@ -22,6 +22,13 @@
 //!    nothing is lost when ClickHouse or the processor fails mid-way.
 //! 4. Events of an erased installation received before its erasure
 //!    (`erased_installations`) are dropped, so a replay cannot restore them.
+//!    An erasure can also begin while a batch is being written, after the
+//!    batch looked for erasures: its deletes may then run before this
+//!    batch's inserts and miss them. So once everything is written, the
+//!    batch looks again, and deletes the rows of any installation erased
+//!    meanwhile itself. Either that second look sees the erasure, or the
+//!    erasure was recorded after this batch's writes and its own deletes,
+//!    which follow the record, remove them.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -45,6 +52,9 @@ pub struct FlushReport {
     pub already_stored: usize,
     /// Events of erased installations, dropped.
     pub erased: usize,
+    /// Installations erased while this batch was being written, whose rows
+    /// the batch then deleted.
+    pub erased_during_write: usize,
     pub days_recomputed: usize,
     pub months_recomputed: usize,
 }
@@ -176,6 +186,18 @@ pub async fn flush(
     recompute(client, RECOMPUTE_MONTHLY, &months).await?;
     report.days_recomputed = days.len();
     report.months_recomputed = months.len();
+
+    let erased_meanwhile = delete_erased_meanwhile(
+        client,
+        &erased,
+        unique.iter().map(|(_, e)| e.install_id.as_str()),
+    )
+    .await?;
+    // Nor may governance count them (its decisions are rows too).
+    report
+        .fresh
+        .retain(|i| !erased_meanwhile.contains(&events[*i].install_id));
+    report.erased_during_write = erased_meanwhile.len();
     Ok(report)
 }
 
@@ -199,6 +221,24 @@ pub async fn erased_at<'a>(
         erased.extend(rows);
     }
     Ok(erased)
+}
+
+/// The second look of point 4 (module docs): deletes the rows of every one
+/// of `installs` erased since `before` was read, and returns them.
+pub async fn delete_erased_meanwhile<'a>(
+    client: &Client,
+    before: &std::collections::HashMap<String, i64>,
+    installs: impl Iterator<Item = &'a str>,
+) -> Result<HashSet<String>, clickhouse::error::Error> {
+    let mut deleted = HashSet::new();
+    for (install, at) in erased_at(client, installs).await? {
+        if before.get(&install) != Some(&at) {
+            tracing::info!(%install, "installation erased during the write; deleting its rows again");
+            usage_schemas::erasure::delete_rows(client, &install).await?;
+            deleted.insert(install);
+        }
+    }
+    Ok(deleted)
 }
 
 async fn stored_ids(

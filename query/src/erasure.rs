@@ -8,9 +8,12 @@
 //!    and refuse its events; its secret is gone once compacted) and to the
 //!    governance topic;
 //! 3. its rows are deleted from every ClickHouse table (synchronous
-//!    mutations), then counted again: a batch that was being written during
-//!    step 1 could have re-created rollup rows, so deletion repeats until
-//!    every table reports none (at most a few passes).
+//!    mutations), then counted again. A batch that was being written during
+//!    step 1 can land rows after these deletes; that batch then sees the
+//!    record once it has written and deletes them itself
+//!    (`usage_processors::rollup`). Until it has, this count can see them, so
+//!    deletion repeats until every table reports none (at most a few passes;
+//!    then 503 `erasure_incomplete`, and calling again finishes it).
 //!
 //! The answer says how many rows each table held. Erasing twice is harmless.
 
@@ -25,16 +28,7 @@ use usage_service_kit::kafka::KafkaArgs;
 use crate::error::QueryError;
 use crate::events::iso_millis;
 
-/// Every table holding per-installation data.
-pub const TABLES: [&str; 7] = [
-    "usage_events",
-    "usage_daily",
-    "usage_install_daily",
-    "usage_monthly",
-    "installation_activity",
-    "installation_metadata",
-    "governance_decisions",
-];
+pub use usage_schemas::erasure::TABLES;
 
 const PASSES: usize = 3;
 
@@ -119,16 +113,7 @@ impl Eraser {
         }
 
         for pass in 1..=PASSES {
-            for table in TABLES {
-                self.clickhouse
-                    .query(&format!(
-                        "ALTER TABLE {table} DELETE WHERE install_id = {{id:String}}"
-                    ))
-                    .param("id", install_id)
-                    .with_setting("mutations_sync", "2")
-                    .execute()
-                    .await?;
-            }
+            usage_schemas::erasure::delete_rows(&self.clickhouse, install_id).await?;
             let mut left = 0;
             for table in TABLES {
                 left += self.count(table, install_id, false).await?;

@@ -5,6 +5,7 @@
 //! - the ClickHouse DDL as numbered migrations and the runner that applies
 //!   them (`migrations`).
 
+pub mod erasure;
 pub mod event;
 pub mod governance;
 pub mod installation;

@@ -155,3 +155,59 @@ async fn an_erased_installation_is_gone_everywhere_and_a_replay_cannot_restore_i
     replay.kill().await;
     p.stop().await;
 }
+
+/// An erasure can begin while a processor is writing a batch of the same
+/// installation: the batch looked for erasures before the erasure was
+/// recorded, and its rows can land after the erasure's deletes ran. The
+/// batch's second look, once it has written, must delete them, and only
+/// for an erasure it had not seen.
+#[tokio::test]
+async fn a_batch_written_during_an_erasure_deletes_its_own_rows() {
+    let db = usage_e2e::migrated_database().await;
+    let client = db.client();
+    let (late, known, other) = ("inst_late", "inst_known", "inst_other");
+    let write_day = |install: &str| {
+        let sql = format!(
+            "INSERT INTO usage_daily (install_id, date, user_hash, source, model, account_id, requests,
+                 prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
+             VALUES ('{install}', today(), 'u1', 'inline', 'gpt-4o-mini', 'acc', 3, 30, 6, 36, 0.01, 1)"
+        );
+        let client = client.clone();
+        async move { client.query(&sql).execute().await.unwrap() }
+    };
+    let mark_erased = |install: &str, at: &str| {
+        let sql = format!(
+            "INSERT INTO erased_installations VALUES ('{install}', '{at}', 'test', '{{}}')"
+        );
+        let client = client.clone();
+        async move { client.query(&sql).execute().await.unwrap() }
+    };
+    // `known` was erased long ago and re-registered: the batch saw that
+    // erasure before writing, so its new rows are legitimate.
+    mark_erased(known, "2026-01-01 00:00:00.000").await;
+    let before = usage_processors::rollup::erased_at(&client, [late, known, other].into_iter())
+        .await
+        .unwrap();
+    assert_eq!(before.len(), 1);
+    for install in [late, known, other] {
+        write_day(install).await;
+    }
+    // The erasure of `late` is recorded after the batch's first look.
+    mark_erased(late, "2026-11-28 12:00:00.000").await;
+
+    let deleted = usage_processors::rollup::delete_erased_meanwhile(
+        &client,
+        &before,
+        [late, known, other].into_iter(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(deleted, [late.to_string()].into_iter().collect());
+    let remaining: Vec<(String, u64)> = client
+        .query("SELECT install_id, sum(requests) FROM usage_daily FINAL GROUP BY install_id ORDER BY install_id")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(remaining, [(known.to_string(), 3), (other.to_string(), 3)]);
+    usage_e2e::drop_database(&db).await;
+}
