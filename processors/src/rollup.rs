@@ -182,8 +182,11 @@ pub async fn flush(
         .map(|(i, d)| (i.clone(), month_of(*d)))
         .collect();
     recompute(client, RECOMPUTE_DAILY, &days).await?;
-    recompute(client, RECOMPUTE_INSTALL_DAILY, &days).await?;
-    recompute(client, RECOMPUTE_MONTHLY, &months).await?;
+    // Both read only the daily rows: side by side, the batch waits for one.
+    tokio::try_join!(
+        recompute(client, RECOMPUTE_INSTALL_DAILY, &days),
+        recompute(client, RECOMPUTE_MONTHLY, &months),
+    )?;
     report.days_recomputed = days.len();
     report.months_recomputed = months.len();
 
