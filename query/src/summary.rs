@@ -1,5 +1,4 @@
-//! `GET /provider/usage/summary`: rollups from `usage_daily` (and, for whole
-//! months when not grouping by day, `usage_monthly`), grouped as the
+//! `GET /provider/usage/summary`: rollups from `usage_daily`, grouped as the
 //! contract describes, plus grouping by model and month and row filters.
 //!
 //! Parameters: `install_id` (required unless provider admin; without it the
@@ -10,7 +9,7 @@
 //! (default 0). Dimensions a row is not grouped by are `null`; `meta.total`
 //! is the exact number of groups.
 
-use chrono::{Datelike, Months, NaiveDate, Utc};
+use chrono::{NaiveDate, Utc};
 use clickhouse::Client;
 use serde::Serialize;
 
@@ -103,16 +102,8 @@ pub struct Meta {
 /// The `WHERE` clause of a scoped, filtered read of a table with `date`,
 /// `install_id`, `user_hash`, `source` and `model` columns.
 pub fn scoped_where(date_column: &str, scope: &Scope, filters: &Filters) -> String {
-    format!(
-        "{date_column} >= {{date_from:Date}} AND {date_column} <= {{date_to:Date}}{}",
-        scope_and_filters(scope, filters)
-    )
-}
-
-/// The conditions of [`scoped_where`] but the date range, each with its
-/// leading ` AND `.
-fn scope_and_filters(scope: &Scope, filters: &Filters) -> String {
-    let mut sql = String::new();
+    let mut sql =
+        format!("{date_column} >= {{date_from:Date}} AND {date_column} <= {{date_to:Date}}");
     if scope.install_id.is_some() {
         sql.push_str(" AND install_id = {install_id:String}");
     }
@@ -142,69 +133,6 @@ pub fn bind_scoped(
     filters.bind(q)
 }
 
-/// The whole months of a date range, which `usage_monthly` can answer for
-/// groupings coarser than a day: (first month, last month, last day of the
-/// last month). None when the range covers no whole month.
-pub fn whole_months(range: &DateRange) -> Option<(NaiveDate, NaiveDate, NaiveDate)> {
-    let month_start = |d: NaiveDate| d.with_day(1).unwrap_or(d);
-    let first = if range.from.day() == 1 {
-        range.from
-    } else {
-        month_start(range.from).checked_add_months(Months::new(1))?
-    };
-    let after = range.to.succ_opt()?;
-    let end = if after.day() == 1 {
-        range.to
-    } else {
-        month_start(range.to).pred_opt()?
-    };
-    (first <= end).then(|| (first, month_start(end), end))
-}
-
-/// The rows a summary groups, with the columns of `usage_daily`: from
-/// `usage_daily` alone when grouping by day or when the range holds no
-/// whole month; otherwise whole months from `usage_monthly` (a twelfth of
-/// the rows over a year) and the partial months at either end from
-/// `usage_daily`. Both rollups are recomputed in the same flush, the
-/// monthly rows from the daily ones, so they agree.
-fn source(group_by: GroupBy, range: &DateRange, scope: &Scope, filters: &Filters) -> String {
-    let rest = scope_and_filters(scope, filters);
-    let daily = format!(
-        "SELECT install_id, date, user_hash, source, model, requests, prompt_tokens,
-                completion_tokens, total_tokens, cost_usd
-         FROM usage_daily FINAL
-         WHERE date >= {{date_from:Date}} AND date <= {{date_to:Date}}{rest}"
-    );
-    if group_by == GroupBy::Day || whole_months(range).is_none() {
-        return format!("({daily})");
-    }
-    format!(
-        "(SELECT install_id, month AS date, user_hash, source, model, requests, prompt_tokens,
-                completion_tokens, total_tokens, cost_usd
-         FROM usage_monthly FINAL
-         WHERE month >= {{months_from:Date}} AND month <= {{months_to:Date}}{rest}
-         UNION ALL
-         {daily} AND (date < {{months_from:Date}} OR date > {{months_end:Date}}))"
-    )
-}
-
-/// Binds what [`source`] refers to.
-fn bind_source(
-    query: clickhouse::query::Query,
-    range: &DateRange,
-    scope: &Scope,
-    filters: &Filters,
-) -> clickhouse::query::Query {
-    let query = bind_scoped(query, range, scope, filters);
-    match whole_months(range) {
-        Some((from, to, end)) => query
-            .param("months_from", from.to_string())
-            .param("months_to", to.to_string())
-            .param("months_end", end.to_string()),
-        None => query,
-    }
-}
-
 /// install_id, dimension, requests, prompt, completion, total tokens, cost,
 /// number of groups.
 type SummaryRow = (String, String, u64, u64, u64, u64, String, u64);
@@ -215,14 +143,15 @@ pub async fn summary(
     scope: &Scope,
 ) -> Result<(Vec<SummaryItem>, Meta), QueryError> {
     let (dimension, order) = params.group_by.sql();
-    let rows_source = source(params.group_by, &params.range, scope, &params.filters);
-    let bind = |q| bind_source(q, &params.range, scope, &params.filters);
+    let filter = scoped_where("date", scope, &params.filters);
+    let bind = |q| bind_scoped(q, &params.range, scope, &params.filters);
     let sql = format!(
         "SELECT install_id, {dimension} AS dim,
                 sum(requests) AS total_requests, sum(prompt_tokens) AS p, sum(completion_tokens) AS c,
                 sum(total_tokens) AS total_tokens, toString(sum(cost_usd)) AS cost,
                 count() OVER () AS groups
-         FROM {rows_source}
+         FROM usage_daily FINAL
+         WHERE {filter}
          GROUP BY install_id, dim
          ORDER BY {order}, install_id
          LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}"
@@ -240,7 +169,7 @@ pub async fn summary(
         // A page past the end: count separately.
         None => {
             bind(client.query(&format!(
-                "SELECT count() FROM (SELECT 1 FROM {rows_source} GROUP BY install_id, {dimension})"
+                "SELECT count() FROM (SELECT 1 FROM usage_daily FINAL WHERE {filter} GROUP BY install_id, {dimension})"
             )))
             .fetch_one()
             .await?
@@ -308,71 +237,6 @@ mod tests {
             &crate::params::query_of(pairs),
             "2025-11-30".parse().unwrap(),
         )
-    }
-
-    fn range(from: &str, to: &str) -> DateRange {
-        DateRange {
-            from: from.parse().unwrap(),
-            to: to.parse().unwrap(),
-        }
-    }
-
-    #[test]
-    fn whole_months_are_those_the_range_covers_entirely() {
-        let months = |from, to| {
-            whole_months(&range(from, to))
-                .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
-        };
-        let some = |a: &str, b: &str, c: &str| Some((a.into(), b.into(), c.into()));
-        assert_eq!(
-            months("2025-01-15", "2025-12-20"),
-            some("2025-02-01", "2025-11-01", "2025-11-30")
-        );
-        assert_eq!(
-            months("2025-03-01", "2025-03-31"),
-            some("2025-03-01", "2025-03-01", "2025-03-31")
-        );
-        assert_eq!(
-            months("2024-02-01", "2024-02-29"),
-            some("2024-02-01", "2024-02-01", "2024-02-29")
-        );
-        assert_eq!(
-            months("2025-01-31", "2025-03-01"),
-            some("2025-02-01", "2025-02-01", "2025-02-28")
-        );
-        assert_eq!(
-            months("2025-12-01", "2026-01-31"),
-            some("2025-12-01", "2026-01-01", "2026-01-31")
-        );
-        assert_eq!(months("2025-03-02", "2025-03-31"), None);
-        assert_eq!(months("2025-03-01", "2025-03-30"), None);
-        assert_eq!(months("2025-03-10", "2025-04-20"), None);
-    }
-
-    proptest::proptest! {
-        /// A day is served from the monthly rollup exactly when its whole
-        /// month lies in the range; every other day of the range from the
-        /// daily one: each day once.
-        #[test]
-        fn each_day_of_the_range_is_read_from_exactly_one_rollup(
-            start in 0i64..3000, len in 0i64..800,
-        ) {
-            let epoch: NaiveDate = "2020-01-01".parse().unwrap();
-            let r = DateRange {
-                from: epoch + chrono::Duration::days(start),
-                to: epoch + chrono::Duration::days(start + len),
-            };
-            let months = whole_months(&r);
-            let mut d = r.from;
-            while d <= r.to {
-                let first = d.with_day(1).unwrap();
-                let last = first.checked_add_months(Months::new(1)).unwrap().pred_opt().unwrap();
-                let whole = first >= r.from && last <= r.to;
-                let monthly = months.is_some_and(|(from, to, end)| d >= from && d <= end && first <= to);
-                proptest::prop_assert_eq!(monthly, whole, "{} in {:?}", d, r);
-                d = d.succ_opt().unwrap();
-            }
-        }
     }
 
     #[test]

@@ -6,10 +6,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use chrono::{Datelike, NaiveDate, Utc};
+use chrono::{NaiveDate, Utc};
 use serde_json::{json, Value};
+use usage_e2e::http;
 use usage_e2e::pipeline::{admin_token, event, Pipeline, Site};
-use usage_e2e::{eventually, http};
 
 fn day(days_ago: i64) -> NaiveDate {
     Utc::now().date_naive() - chrono::Duration::days(days_ago)
@@ -656,51 +656,6 @@ async fn the_csv_export_is_the_contracts_bytes_and_json_lines_match_it() {
             r.json::<Value>().await.unwrap(),
             json!({"success": false, "error": "invalid_parameters", "message": message})
         );
-    }
-    p.stop().await;
-}
-
-/// Over whole months, groupings coarser than a day read `usage_monthly`
-/// (plus `usage_daily` for partial months): the answers must be those the
-/// daily rollup alone gives.
-#[tokio::test]
-async fn summaries_over_whole_months_agree_with_the_daily_rollup() {
-    let (p, sites) = loaded().await;
-    let a = &sites[0];
-    // The data set's days lie in the whole months from the first of day 5's
-    // month to the end of this month.
-    let first = day(5).with_day(1).unwrap();
-    let last = day(0)
-        .with_day(1)
-        .unwrap()
-        .checked_add_months(chrono::Months::new(1))
-        .unwrap()
-        .pred_opt()
-        .unwrap();
-    for group in ["month", "user", "source", "model"] {
-        let daily = p
-            .summary(&format!(
-                "install_id={}&date_from={}&group_by={group}",
-                a.install_id,
-                day(5)
-            ))
-            .await;
-        assert!(!daily["data"].as_array().unwrap().is_empty());
-        // The monthly rows follow the daily ones within the same flush.
-        eventually(
-            &format!("the monthly answer by {group}"),
-            Duration::from_secs(10),
-            || async {
-                let months = p
-                    .summary(&format!(
-                        "install_id={}&date_from={first}&date_to={last}&group_by={group}",
-                        a.install_id
-                    ))
-                    .await;
-                (months == daily).then_some(())
-            },
-        )
-        .await;
     }
     p.stop().await;
 }
