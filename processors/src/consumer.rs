@@ -139,6 +139,12 @@ impl EventsConsumer {
                 if !self.govern(&batch.events, &report, &mut shutdown).await {
                     return;
                 }
+                if !self
+                    .settle_erasures(&batch.events, &report, &mut shutdown)
+                    .await
+                {
+                    return;
+                }
             }
             let mut plan_changes = batch.plan_changes;
             if self.consumer.context().take_assigned() {
@@ -216,6 +222,45 @@ impl EventsConsumer {
             };
         }
         true
+    }
+
+    /// The second look for erasures (`rollup`, point 4), once everything of
+    /// the batch is written: the rows of installations erased meanwhile are
+    /// deleted, and governance forgets them.
+    async fn settle_erasures(
+        &mut self,
+        events: &[UsageEvent],
+        report: &FlushReport,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut delay = Duration::from_millis(100);
+        let installs = || events.iter().map(|e| e.install_id.as_str());
+        loop {
+            match rollup::delete_erased_meanwhile(
+                &self.clickhouse,
+                &report.erased_before,
+                installs(),
+            )
+            .await
+            {
+                Ok(deleted) => {
+                    for install in &deleted {
+                        if let Err(err) = self.governance.erased(install).await {
+                            tracing::warn!(%err, %install, "governance tombstone after an erasure failed");
+                        }
+                    }
+                    return true;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, retry_in = ?delay, "looking for erasures failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return false,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// The next batch: up to `max_events`, or what arrived within `max_wait`

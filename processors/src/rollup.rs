@@ -24,11 +24,14 @@
 //!    (`erased_installations`) are dropped, so a replay cannot restore them.
 //!    An erasure can also begin while a batch is being written, after the
 //!    batch looked for erasures: its deletes may then run before this
-//!    batch's inserts and miss them. So once everything is written, the
-//!    batch looks again, and deletes the rows of any installation erased
-//!    meanwhile itself. Either that second look sees the erasure, or the
-//!    erasure was recorded after this batch's writes and its own deletes,
-//!    which follow the record, remove them.
+//!    batch's inserts and miss them. So once everything of the batch is
+//!    written, governance decisions included, the consumer looks again
+//!    ([`delete_erased_meanwhile`]) and deletes the rows of any installation
+//!    erased meanwhile itself. Either that second look sees the erasure, or
+//!    the erasure was recorded after this batch's writes and its own
+//!    deletes, which follow the record, remove them. If the processor dies
+//!    between its writes and the second look, the redelivered batch finds
+//!    its events erased but stored, and deletes them then.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -52,9 +55,12 @@ pub struct FlushReport {
     pub already_stored: usize,
     /// Events of erased installations, dropped.
     pub erased: usize,
-    /// Installations erased while this batch was being written, whose rows
-    /// the batch then deleted.
-    pub erased_during_write: usize,
+    /// Installations erased between an earlier attempt at this batch and
+    /// this one, whose rows that attempt had written: deleted now.
+    pub erased_after_earlier_attempt: usize,
+    /// The erasures seen before writing (install_id to erasure time in ms):
+    /// the first look, to compare the second with.
+    pub erased_before: std::collections::HashMap<String, i64>,
     pub days_recomputed: usize,
     pub months_recomputed: usize,
 }
@@ -148,6 +154,19 @@ pub async fn flush(
             dropped = report.erased,
             "events of erased installations dropped"
         );
+        // Stored anyway: an earlier attempt at this batch wrote them after
+        // the erasure's deletes and died before its second look.
+        let dropped: Vec<&UsageEvent> = events.iter().filter(|e| gone(e)).collect();
+        let left: BTreeSet<String> = stored_ids(client, &dropped)
+            .await?
+            .into_iter()
+            .map(|(install, _)| install)
+            .collect();
+        for install in &left {
+            tracing::warn!(%install, "rows written before an erasure by an earlier attempt; deleting them");
+            usage_schemas::erasure::delete_rows(client, install).await?;
+        }
+        report.erased_after_earlier_attempt = left.len();
     }
 
     let stored = stored_ids(client, &unique.iter().map(|(_, e)| *e).collect::<Vec<_>>()).await?;
@@ -183,24 +202,17 @@ pub async fn flush(
         .collect();
     recompute(client, RECOMPUTE_DAILY, &days).await?;
     // Both read only the daily rows: side by side, the batch waits for one.
-    tokio::try_join!(
+    // Both are awaited even if one fails, so that no insert of this batch is
+    // still running once it returns (see point 4).
+    let (install_daily, monthly) = tokio::join!(
         recompute(client, RECOMPUTE_INSTALL_DAILY, &days),
         recompute(client, RECOMPUTE_MONTHLY, &months),
-    )?;
+    );
+    install_daily?;
+    monthly?;
     report.days_recomputed = days.len();
     report.months_recomputed = months.len();
-
-    let erased_meanwhile = delete_erased_meanwhile(
-        client,
-        &erased,
-        unique.iter().map(|(_, e)| e.install_id.as_str()),
-    )
-    .await?;
-    // Nor may governance count them (its decisions are rows too).
-    report
-        .fresh
-        .retain(|i| !erased_meanwhile.contains(&events[*i].install_id));
-    report.erased_during_write = erased_meanwhile.len();
+    report.erased_before = erased;
     Ok(report)
 }
 

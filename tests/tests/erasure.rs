@@ -211,3 +211,76 @@ async fn a_batch_written_during_an_erasure_deletes_its_own_rows() {
     assert_eq!(remaining, [(known.to_string(), 3), (other.to_string(), 3)]);
     usage_e2e::drop_database(&db).await;
 }
+
+/// A processor that wrote a batch and died before its second look, while an
+/// installation of the batch was being erased: the redelivered batch finds
+/// those events erased but stored, and deletes them.
+#[tokio::test]
+async fn a_redelivered_batch_deletes_what_an_earlier_attempt_wrote_after_an_erasure() {
+    use usage_processors::pricing::PriceTable;
+    use usage_processors::rollup::flush;
+    use usage_schemas::UsageEvent;
+
+    let db = usage_e2e::migrated_database().await;
+    let client = db.client();
+    let now = chrono::Utc::now().timestamp_millis();
+    let event = |n: u32, install: &str| UsageEvent {
+        event_id: format!("evt_{n:032x}"),
+        install_id: install.to_string(),
+        account_id: "acc_test".into(),
+        wp_site_id: None,
+        wp_user_id_hash: "u".repeat(64),
+        source: "inline".into(),
+        model: "gpt-4o-mini".into(),
+        prompt_tokens: 100,
+        completion_tokens: 20,
+        total_tokens: 120,
+        context_json: None,
+        created_at: now - 60_000,
+        processed_at: None,
+        batch_sent_at: None,
+        received_at: now - 1_000,
+        signature_scheme: "install_sig_v1".into(),
+        gateway_instance: "test".into(),
+    };
+    let batch = vec![
+        event(1, "inst_erased"),
+        event(2, "inst_erased"),
+        event(3, "inst_kept"),
+    ];
+    let prices = PriceTable::from_rows(Vec::new());
+    let first = flush(&client, &batch, &prices).await.unwrap();
+    assert_eq!(first.inserted, 3);
+
+    // The erasure is recorded (its deletes already ran) before the batch is
+    // redelivered.
+    client
+        .query("INSERT INTO erased_installations VALUES ('inst_erased', fromUnixTimestamp64Milli(toInt64(?), 'UTC'), 'test', '{}')")
+        .bind(now)
+        .execute()
+        .await
+        .unwrap();
+    let again = flush(&client, &batch, &prices).await.unwrap();
+    assert_eq!((again.erased, again.erased_after_earlier_attempt), (2, 1));
+
+    for table in TABLES {
+        let left: Vec<(String, u64)> = client
+            .query(&format!(
+                "SELECT install_id, count() FROM {table} FINAL WHERE install_id LIKE 'inst_%' GROUP BY install_id ORDER BY install_id"
+            ))
+            .fetch_all()
+            .await
+            .unwrap();
+        assert!(
+            left.iter().all(|(install, _)| install == "inst_kept"),
+            "{table}: {left:?}"
+        );
+    }
+    let kept: u64 = client
+        .query("SELECT count() FROM usage_events FINAL WHERE install_id = 'inst_kept'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+    usage_e2e::drop_database(&db).await;
+}

@@ -159,6 +159,22 @@ impl Engine {
         self.report_size();
     }
 
+    /// Forgets an installation erased while its batch was being written:
+    /// its state leaves memory, and a tombstone follows on the governance
+    /// topic any state this batch published after the erasure's own.
+    pub async fn erased(&mut self, install_id: &str) -> Result<(), EngineError> {
+        self.installs.remove(install_id);
+        self.report_size();
+        let record =
+            FutureRecord::<str, [u8]>::to(&self.setup.kafka.governance_topic).key(install_id);
+        self.setup
+            .producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| EngineError::Kafka(e.to_string()))
+    }
+
     /// Drops the state of installations idle for `idle_after` (looked at
     /// most every few seconds). Rebuilding them later gives the same counts.
     pub fn evict_idle(&mut self) {
