@@ -568,6 +568,14 @@ async fn the_csv_export_is_the_contracts_bytes_and_json_lines_match_it() {
 
     // Two writers racing on one event during a rebalance leave an unmerged
     // copy in usage_events: the raw export must still list the event once.
+    // Merges are held off until the exports below are read, so that the copy
+    // is still there for them.
+    let merges = |verb: &str| {
+        let sql = format!("SYSTEM {verb} MERGES usage_events");
+        let client = p.clickhouse.client();
+        async move { client.query(&sql).execute().await.unwrap() }
+    };
+    merges("STOP").await;
     p.clickhouse
         .client()
         .query("INSERT INTO usage_events SELECT * FROM usage_events WHERE install_id = ? AND event_id = ?")
@@ -628,6 +636,7 @@ async fn the_csv_export_is_the_contracts_bytes_and_json_lines_match_it() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(objects.len(), 6);
+    merges("START").await;
     assert_eq!(
         objects[0],
         json!({
