@@ -114,6 +114,17 @@ struct Collected {
     plan_changes: Vec<String>,
 }
 
+/// Waits `delay` before a retry, then doubles it (up to 5 s); false when
+/// shutdown came first.
+async fn back_off(delay: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(*delay) => {}
+        _ = shutdown.changed() => return false,
+    }
+    *delay = (*delay * 2).min(Duration::from_secs(5));
+    true
+}
+
 impl EventsConsumer {
     /// Consumes until `shutdown` turns true; the batch in hand is finished first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
@@ -209,11 +220,9 @@ impl EventsConsumer {
         let mut result = self.governance.on_batch(events, &report.fresh).await;
         while let Err(err) = result {
             tracing::warn!(%err, retry_in = ?delay, "governance failed; retrying");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => return false,
+            if !back_off(&mut delay, shutdown).await {
+                return false;
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
             result = if self.governance.has_unpublished() {
                 self.governance.retry_publish().await
             } else {
@@ -253,11 +262,9 @@ impl EventsConsumer {
                 }
                 Err(err) => {
                     tracing::warn!(%err, retry_in = ?delay, "looking for erasures failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return false,
+                    if !back_off(&mut delay, shutdown).await {
+                        return false;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -355,11 +362,9 @@ impl EventsConsumer {
                     timer.stop_and_discard();
                     self.metrics.flush_errors.inc();
                     tracing::warn!(%err, retry_in = ?delay, events = events.len(), "ClickHouse write failed; retrying the same batch");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => return None,
+                    if !back_off(&mut delay, shutdown).await {
+                        return None;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
