@@ -8,8 +8,8 @@
 //! Ties are broken by install_id, so pages are stable.
 //!
 //! Totals come from `usage_install_daily` (one row per installation and day;
-//! exact, deduplicated), unique users and active days of the page's
-//! installations from `usage_daily`, first/last seen from
+//! exact, deduplicated; its rows are the active days), unique users of the
+//! page's installations from `usage_daily`, first/last seen from
 //! `installation_activity` (all time), the plan from `installation_metadata`
 //! and the level from this month's cap decisions in `governance_decisions`.
 
@@ -87,6 +87,8 @@ struct InstallationRow {
     completion_tokens: u64,
     total_tokens: u64,
     cost: String,
+    /// Days with usage: rows of `usage_install_daily`, one per day.
+    active_days: u64,
     /// Installations in the range (a window over the groups, before LIMIT).
     groups: u64,
 }
@@ -120,9 +122,9 @@ pub async fn installations(
     };
     let order = if params.descending { "DESC" } else { "ASC" };
     // The page is cut from the aggregate first; the small per-installation
-    // tables are joined to those rows only, and the distinct users and days
-    // (no sort key, but the costliest aggregates) are counted for them alone
-    // by a second query: over 100k installations this halves the time.
+    // tables are joined to those rows only, and the distinct users (no sort
+    // key, but the costliest aggregate) are counted for them alone by a
+    // second query: over 100k installations this halves the time.
     let sql = format!(
         "SELECT u.install_id AS install_id, ifNull(m.account_id, '') AS account_id,
                 ifNull(m.plan, '') AS plan, ifNull(g.level, 'ok') AS level,
@@ -130,11 +132,12 @@ pub async fn installations(
                 ifNull(toUnixTimestamp64Milli(a.last_seen), 0) AS last_seen,
                 u.total_requests AS total_requests, u.prompt_tokens AS prompt_tokens,
                 u.completion_tokens AS completion_tokens, u.total_tokens AS total_tokens,
-                toString(u.cost_decimal) AS cost, u.groups AS groups
+                toString(u.cost_decimal) AS cost, u.active_days AS active_days,
+                u.groups AS groups
          FROM (
              SELECT install_id, sum(requests) AS total_requests, sum(prompt_tokens) AS prompt_tokens,
                     sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
-                    sum(cost_usd) AS cost_decimal, max(date) AS last_date,
+                    sum(cost_usd) AS cost_decimal, count() AS active_days, max(date) AS last_date,
                     count() OVER () AS groups
              FROM usage_install_daily FINAL
              WHERE date >= {{date_from:Date}} AND date <= {{date_to:Date}}
@@ -166,7 +169,7 @@ pub async fn installations(
         .param("offset", params.offset)
         .fetch_all()
         .await?;
-    let distinct = distinct_users_and_days(client, &params.range, &rows).await?;
+    let users = unique_users(client, &params.range, &rows).await?;
     let total: u64 = match rows.first() {
         Some(r) => r.groups,
         None if params.offset == 0 => 0,
@@ -181,24 +184,20 @@ pub async fn installations(
     };
     let items = rows
         .into_iter()
-        .map(|r| {
-            let (unique_users, active_days) =
-                distinct.get(&r.install_id).copied().unwrap_or_default();
-            InstallationItem {
-                install_id: r.install_id,
-                account_id: r.account_id,
-                first_seen: iso_millis(r.first_seen),
-                last_seen: iso_millis(r.last_seen),
-                total_requests: r.total_requests,
-                prompt_tokens: r.prompt_tokens,
-                completion_tokens: r.completion_tokens,
-                total_tokens: r.total_tokens,
-                estimated_cost_usd: r.cost.parse().unwrap_or(0.0),
-                unique_users,
-                active_days,
-                plan: r.plan,
-                governance_level: r.level,
-            }
+        .map(|r| InstallationItem {
+            unique_users: users.get(&r.install_id).copied().unwrap_or_default(),
+            install_id: r.install_id,
+            account_id: r.account_id,
+            first_seen: iso_millis(r.first_seen),
+            last_seen: iso_millis(r.last_seen),
+            total_requests: r.total_requests,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            total_tokens: r.total_tokens,
+            estimated_cost_usd: r.cost.parse().unwrap_or(0.0),
+            active_days: r.active_days,
+            plan: r.plan,
+            governance_level: r.level,
         })
         .collect();
     Ok((
@@ -211,19 +210,19 @@ pub async fn installations(
     ))
 }
 
-/// Unique user hashes and active days in the range of each listed installation.
-async fn distinct_users_and_days(
+/// Unique user hashes in the range of each listed installation.
+async fn unique_users(
     client: &Client,
     range: &DateRange,
     rows: &[InstallationRow],
-) -> Result<HashMap<String, (u64, u64)>, QueryError> {
+) -> Result<HashMap<String, u64>, QueryError> {
     if rows.is_empty() {
         return Ok(HashMap::new());
     }
     let ids: Vec<&str> = rows.iter().map(|r| r.install_id.as_str()).collect();
-    let counts: Vec<(String, u64, u64)> = client
+    let counts: Vec<(String, u64)> = client
         .query(
-            "SELECT install_id, uniqExact(user_hash), uniqExact(date) FROM usage_daily FINAL
+            "SELECT install_id, uniqExact(user_hash) FROM usage_daily FINAL
              WHERE install_id IN {ids:Array(String)}
                AND date >= {date_from:Date} AND date <= {date_to:Date}
              GROUP BY install_id",
@@ -233,10 +232,7 @@ async fn distinct_users_and_days(
         .param("date_to", range.to.to_string())
         .fetch_all()
         .await?;
-    Ok(counts
-        .into_iter()
-        .map(|(id, users, days)| (id, (users, days)))
-        .collect())
+    Ok(counts.into_iter().collect())
 }
 
 #[cfg(test)]
