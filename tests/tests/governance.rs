@@ -456,12 +456,33 @@ async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
     assert_eq!(p.register(&abusive, "agency").await.0, 201);
     assert_eq!(p.register(&capped, "free").await.0, 201);
     let t0 = base(59);
-    // 100 requests in 100 s, then 10 more the gateway refuses.
-    send(&p, &limited, 0..110, 10, 100, |i| t0 + i as i64 * 1000).await;
-    // 200 requests over 50 minutes.
-    send(&p, &abusive, 0..200, 50, 100, |i| t0 + i as i64 * 15_000).await;
-    // 60 generations on the free plan: the last 10 refused.
-    send(&p, &capped, 0..60, 5, 100, |i| t0 + i as i64 * 20_000).await;
+    // What the gateway accepted of each site: whole batches of 100-token events.
+    let accepted = |site: &Site, replies: Vec<(u16, Value)>, per_batch: u64| {
+        let n = replies.iter().filter(|(status, _)| *status == 200).count() as u64 * per_batch;
+        (site.install_id.clone(), n, n * 100)
+    };
+    let mut expected = vec![
+        // 100 requests in 100 s, then 10 more the gateway refuses.
+        accepted(
+            &limited,
+            send(&p, &limited, 0..110, 10, 100, |i| t0 + i as i64 * 1000).await,
+            10,
+        ),
+        // 200 requests over 50 minutes.
+        accepted(
+            &abusive,
+            send(&p, &abusive, 0..200, 50, 100, |i| t0 + i as i64 * 15_000).await,
+            50,
+        ),
+        // 60 generations on the free plan: refused once the block reaches the
+        // gateway, which may be after the 50th.
+        accepted(
+            &capped,
+            send(&p, &capped, 0..60, 5, 100, |i| t0 + i as i64 * 20_000).await,
+            5,
+        ),
+    ];
+    expected.sort();
     wait_report(&p, &capped, "the block", |r| r["level"] == "blocked").await;
     wait_report(&p, &abusive, "the abuse flag", |r| {
         r["abuse_flagged"] == true
@@ -495,14 +516,6 @@ async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
         &unique("replay"),
         &["--batch-events", "7"],
     );
-    // Until it has caught up (then compared, so a difference shows in full).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut replayed = all_decisions(&rebuilt).await;
-    while replayed != original && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        replayed = all_decisions(&rebuilt).await;
-    }
-    assert_eq!(replayed, original);
     let sums = |c: &usage_service_kit::clickhouse::ClickHouseArgs| {
         let c = c.client();
         async move {
@@ -512,7 +525,6 @@ async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
                 .unwrap()
         }
     };
-    assert_eq!(sums(&rebuilt).await, sums(&p.clickhouse).await);
     let install_daily = |c: &usage_service_kit::clickhouse::ClickHouseArgs| {
         let c = c.client();
         async move {
@@ -522,9 +534,35 @@ async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
                 .unwrap()
         }
     };
-    let rebuilt_days = install_daily(&rebuilt).await;
-    assert!(!rebuilt_days.is_empty());
-    assert_eq!(rebuilt_days, install_daily(&p.clickhouse).await);
+    // The original counts every accepted event once, whenever the decisions
+    // were made.
+    eventually("the original rollups", Duration::from_secs(30), || async {
+        (sums(&p.clickhouse).await == expected).then_some(())
+    })
+    .await;
+    let original_days = install_daily(&p.clickhouse).await;
+    assert!(!original_days.is_empty());
+    // The replay has caught up once its rollups hold every accepted event;
+    // its decisions may be stored before its last batches are. Then all is
+    // compared, so that a difference shows in full.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let snapshot = || async {
+        (
+            all_decisions(&rebuilt).await,
+            sums(&rebuilt).await,
+            install_daily(&rebuilt).await,
+        )
+    };
+    let mut replayed = snapshot().await;
+    while (&replayed.0, &replayed.1, &replayed.2) != (&original, &expected, &original_days)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        replayed = snapshot().await;
+    }
+    assert_eq!(replayed.0, original);
+    assert_eq!(replayed.1, expected);
+    assert_eq!(replayed.2, original_days);
     replay.kill().await;
     usage_e2e::drop_database(&rebuilt).await;
     p.stop().await;
