@@ -350,12 +350,12 @@ impl EventsConsumer {
                 Ok(report) => {
                     timer.observe_duration();
                     self.metrics.inserted.inc_by(report.inserted as u64);
-                    self.metrics.duplicates.inc_by(report.already_stored as u64);
-                    tracing::debug!(
-                        inserted = report.inserted,
-                        duplicates = report.already_stored,
-                        "batch written"
-                    );
+                    // Every event of the batch is one of the three, so the
+                    // counters add up to the events consumed.
+                    let duplicates = events.len().saturating_sub(report.inserted + report.erased);
+                    self.metrics.duplicates.inc_by(duplicates as u64);
+                    self.metrics.erased.inc_by(report.erased as u64);
+                    tracing::debug!(inserted = report.inserted, duplicates, "batch written");
                     return Some(report);
                 }
                 Err(err) => {

@@ -8,6 +8,7 @@ pub struct ProcessorMetrics {
     pub consumed: IntCounter,
     pub inserted: IntCounter,
     pub duplicates: IntCounter,
+    pub erased: IntCounter,
     pub undecodable: IntCounter,
     pub flush_errors: IntCounter,
     pub commit_errors: IntCounter,
@@ -65,7 +66,12 @@ impl ProcessorMetrics {
             duplicates: counter(
                 metrics,
                 "processor_events_duplicate_total",
-                "events already stored (retries, redelivery, replay)",
+                "events not written again: already stored or twice in one batch (retries, redelivery, replay)",
+            ),
+            erased: counter(
+                metrics,
+                "processor_events_erased_total",
+                "events dropped: their installation was erased after they were received",
             ),
             undecodable: counter(
                 metrics,

@@ -105,6 +105,19 @@ where
     }
 }
 
+/// A value of the service's /metrics at `addr` (0 until it answers).
+pub async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let Ok(r) = http().get(format!("http://{addr}/metrics")).send().await else {
+        return 0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits until `GET http://{addr}/ready` answers `status` (200 or 503).
 pub async fn wait_ready_status(addr: std::net::SocketAddr, status: u16, timeout: Duration) {
     eventually(

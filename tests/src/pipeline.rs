@@ -256,6 +256,12 @@ impl Pipeline {
         r.json().await.unwrap()
     }
 
+    /// A value of the in-process processors' /metrics.
+    pub async fn processor_metric(&self, name: &str) -> u64 {
+        let processors = self.processors.as_ref().expect("started with processors");
+        crate::metric(processors.http.addr, name).await
+    }
+
     /// Rows of `usage_events` (deduplicated) and their token sum for a site.
     pub async fn raw_totals(&self, site: &Site) -> (u64, u64) {
         self.clickhouse
@@ -267,7 +273,31 @@ impl Pipeline {
             .unwrap()
     }
 
-    /// Waits until the day-grouped summary of `site` has `requests` requests in all.
+    /// The installation's requests in all, as each rollup holds them:
+    /// `usage_daily`, `usage_install_daily`, `usage_monthly`.
+    pub async fn rollup_requests(&self, site: &Site) -> [u64; 3] {
+        let sum = |table: &str| {
+            let sql = format!("SELECT sum(requests) FROM {table} FINAL WHERE install_id = ?");
+            let client = self.clickhouse.client();
+            async move {
+                client
+                    .query(&sql)
+                    .bind(&site.install_id)
+                    .fetch_one::<u64>()
+                    .await
+                    .unwrap()
+            }
+        };
+        [
+            sum("usage_daily").await,
+            sum("usage_install_daily").await,
+            sum("usage_monthly").await,
+        ]
+    }
+
+    /// Waits until the day-grouped summary of `site` has `requests` requests
+    /// in all, and its other rollups agree with its daily rows: a batch
+    /// writes `usage_daily` first, then the other two.
     pub async fn wait_for_requests(&self, site: &Site, date_from: &str, requests: u64) -> Value {
         let q = format!(
             "install_id={}&date_from={date_from}&group_by=day",
@@ -285,7 +315,11 @@ impl Pipeline {
                         .iter()
                         .map(|r| r["total_requests"].as_u64().unwrap_or(0))
                         .sum();
-                    (n == requests).then_some(s)
+                    if n != requests {
+                        return None;
+                    }
+                    let [daily, install_daily, monthly] = self.rollup_requests(site).await;
+                    (install_daily == daily && monthly == daily).then_some(s)
                 }
             },
         )

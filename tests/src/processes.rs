@@ -77,19 +77,7 @@ impl ProcessorProcess {
 
     /// A value of this instance's /metrics (0 until it answers).
     pub async fn metric(&self, name: &str) -> u64 {
-        let Ok(r) = crate::http()
-            .get(format!("http://127.0.0.1:{}/metrics", self.port))
-            .send()
-            .await
-        else {
-            return 0;
-        };
-        let text = r.text().await.unwrap_or_default();
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        crate::metric(([127, 0, 0, 1], self.port).into(), name).await
     }
 
     /// Messages this instance consumed so far.

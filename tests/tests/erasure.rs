@@ -111,37 +111,45 @@ async fn an_erased_installation_is_gone_everywhere_and_a_replay_cannot_restore_i
         .await;
     assert_eq!(summary["data"].as_array().unwrap().len(), 0);
 
-    // The gateway forgot it: its next batch is refused.
-    let status = eventually(
+    // The gateway forgot it (once the tombstone reached it): its next batch
+    // is refused. Sent only then, since an event accepted before would be
+    // data received after the erasure, which a replay rightly keeps.
+    let gateway = p.gateway.as_ref().unwrap();
+    eventually(
         "the gateway to forget it",
         Duration::from_secs(10),
-        || async {
-            let batch = a.batch(vec![event(
-                99,
-                &a.user_hash(1),
-                "bulk",
-                "gpt-4o-mini",
-                1,
-                1,
-                &now_iso(5),
-            )]);
-            let (status, body) = p.send(&a, batch).await;
-            (status != 200).then_some((status, body))
-        },
+        || async { gateway.registry.get(&a.install_id).is_none().then_some(()) },
     )
     .await;
+    let batch = a.batch(vec![event(
+        99,
+        &a.user_hash(1),
+        "bulk",
+        "gpt-4o-mini",
+        1,
+        1,
+        &now_iso(5),
+    )]);
+    let status = p.send(&a, batch).await;
     assert_eq!(status.0, 403, "{}", status.1);
     assert_eq!(status.1["error"], "unknown_installation");
 
     // Ops replay the whole events topic into the same database.
     let replay = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &unique("replay"), &[]);
+    // Until it has written every batch: B's 3 events found stored, A's 40
+    // dropped as erased.
     eventually(
-        "the replay to read every event",
+        "the replay to write every batch",
         Duration::from_secs(60),
-        || async { (replay.consumed().await >= 43).then_some(()) },
+        || async {
+            let erased = replay.metric("usage_processor_events_erased_total").await;
+            let stored = replay
+                .metric("usage_processor_events_duplicate_total")
+                .await;
+            (erased == 40 && stored == 3).then_some(())
+        },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         rows(&p, &a).await.iter().all(|(_, n)| *n == 0),
         "the replay restored data"

@@ -240,14 +240,26 @@ async fn signed_batches_become_exact_summary_numbers_and_resends_change_nothing(
 
     // The plugin retries: every batch again, twice. Nothing may change.
     let before_a = p.raw_totals(&a).await;
+    const DUPLICATES: &str = "usage_processor_events_duplicate_total";
+    let stored_before = p.processor_metric(DUPLICATES).await;
     for _ in 0..2 {
         for (site, body) in &batches {
             let (status, resp) = p.send(site, body.clone()).await;
             assert_eq!(status, 200, "{resp}");
         }
     }
-    // Let the processor see the resends (they are new Kafka messages), then compare.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Once the processor has written the resends (new Kafka messages, every
+    // event found stored), compare.
+    let events: u64 = 7;
+    usage_e2e::eventually(
+        "the processor to write the resends",
+        std::time::Duration::from_secs(30),
+        || async {
+            let stored = p.processor_metric(DUPLICATES).await;
+            (stored == stored_before + 2 * events).then_some(())
+        },
+    )
+    .await;
     assert_eq!(p.raw_totals(&a).await, before_a);
     assert_eq!(before_a, (6, 2485));
     let again = p
