@@ -207,7 +207,7 @@ impl EventsConsumer {
         })
     }
 
-    /// Counts the batch's fresh events in governance and publishes, retrying
+    /// Counts the batch's new events in governance and publishes, retrying
     /// until it succeeds (before the offsets are committed).
     async fn govern(
         &mut self,
@@ -216,8 +216,11 @@ impl EventsConsumer {
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
         let mut delay = Duration::from_millis(100);
+        let governed = self
+            .governance
+            .to_govern(events, &report.fresh, &report.stored);
         // Counting happens once; only publishing is retried (see Engine).
-        let mut result = self.governance.on_batch(events, &report.fresh).await;
+        let mut result = self.governance.on_batch(events, &governed).await;
         while let Err(err) = result {
             tracing::warn!(%err, retry_in = ?delay, "governance failed; retrying");
             if !back_off(&mut delay, shutdown).await {
@@ -227,7 +230,7 @@ impl EventsConsumer {
                 self.governance.retry_publish().await
             } else {
                 // It failed before counting anything: run it whole again.
-                self.governance.on_batch(events, &report.fresh).await
+                self.governance.on_batch(events, &governed).await
             };
         }
         true

@@ -120,6 +120,11 @@ impl ProcessorMetrics {
                     "governance_installations_rebuilt_total",
                     "installations whose state was rebuilt from ClickHouse (first sight, rebalance, eviction)",
                 )),
+                recovered: Some(counter(
+                    metrics,
+                    "governance_events_recovered_total",
+                    "stored events an attempt that died never governed, counted on redelivery",
+                )),
                 rebuild_seconds: Some(histogram(
                     metrics,
                     "governance_rebuild_seconds",

@@ -51,6 +51,10 @@ pub struct FlushReport {
     /// Indices (into the flushed slice) of the events stored for the first
     /// time by this flush: the only ones governance may count.
     pub fresh: Vec<usize>,
+    /// Indices of the events found already stored (first copy in the
+    /// batch): governance counts those an earlier attempt stored but never
+    /// governed (`Engine::to_govern`).
+    pub stored: Vec<usize>,
     pub inserted: usize,
     pub already_stored: usize,
     /// Events of erased installations, dropped.
@@ -175,12 +179,13 @@ pub async fn flush(
         .iter()
         .map(|(i, e)| (i.as_str(), e.as_str()))
         .collect();
-    let (fresh_idx, fresh): (Vec<usize>, Vec<&UsageEvent>) = unique
+    let (found, new): (Vec<_>, Vec<_>) = unique
         .iter()
         .copied()
-        .filter(|(_, e)| !stored.contains(&(e.install_id.as_str(), e.event_id.as_str())))
-        .unzip();
-    report.already_stored = unique.len() - fresh.len();
+        .partition(|(_, e)| stored.contains(&(e.install_id.as_str(), e.event_id.as_str())));
+    let (fresh_idx, fresh): (Vec<usize>, Vec<&UsageEvent>) = new.into_iter().unzip();
+    report.already_stored = found.len();
+    report.stored = found.into_iter().map(|(i, _)| i).collect();
     report.fresh = fresh_idx;
 
     if !fresh.is_empty() {

@@ -440,6 +440,55 @@ async fn an_upgrade_unblocks_a_site_whose_processor_restarted_since_the_block() 
     p.stop().await;
 }
 
+#[tokio::test]
+async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks_on_redelivery() {
+    let p = Pipeline::start(false).await;
+    let site = Site::new(11);
+    assert_eq!(p.register(&site, "free").await.0, 201);
+    let t0 = base(10);
+    // The whole free plan, accepted while no processor runs.
+    for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    // The first instance writes the 50 events (one batch), then dies
+    // before governing them or committing.
+    let group = unique("group");
+    let mut crashing = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "50", "--crash-after-flush", "1"],
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), crashing.child.wait())
+        .await
+        .expect("the fault injection fires")
+        .unwrap();
+    assert!(!status.success(), "it aborted: {status:?}");
+    assert_eq!(p.raw_totals(&site).await, (50, 5000));
+    assert_eq!(kinds(&p, &site).await, Vec::<String>::new());
+
+    // Its replacement finds the batch stored, yet never governed: it counts
+    // it, blocks the site and records each alert once.
+    let replacement = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    let r = wait_report(&p, &site, "the block", |r| r["level"] == "blocked").await;
+    assert_eq!(r["monthly_used"], 50);
+    assert_kinds(&p, &site, &["cap_warning", "cap_critical", "blocked"]).await;
+    wait_metric(
+        &replacement,
+        "usage_governance_events_recovered_total",
+        |n| n == 50,
+    )
+    .await;
+    let (status, body) = send(&p, &site, 50..51, 1, 100, |_| t0 + 500_000)
+        .await
+        .remove(0);
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"], "plan_limit_reached");
+    replacement.kill().await;
+    p.stop().await;
+}
+
 /// Every decision of the pipeline's database, as stored.
 async fn all_decisions(
     clickhouse: &usage_service_kit::clickhouse::ClickHouseArgs,

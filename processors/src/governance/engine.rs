@@ -2,7 +2,9 @@
 //! owns, after each batch is stored, and publishes what changed.
 //!
 //! - Only events stored for the first time (`FlushReport::fresh`) are counted:
-//!   retries, redeliveries and replays move no counter.
+//!   retries, redeliveries and replays move no counter. The exception is a
+//!   batch stored by an attempt that died before governing it: its events
+//!   are found stored, yet no state holds them (`to_govern`).
 //! - An installation's state is built on first sight from ClickHouse (its raw
 //!   events of the last hour and grace in arrival order, its hourly counts of
 //!   the spike baseline, its first event, today's cap alerts, and its state
@@ -74,6 +76,8 @@ pub struct GovernanceMetrics {
     pub evicted: Option<prometheus::IntCounter>,
     /// Installations rebuilt from ClickHouse, and the time their queries took.
     pub rebuilt: Option<prometheus::IntCounter>,
+    /// Stored events an earlier attempt never governed, counted later.
+    pub recovered: Option<prometheus::IntCounter>,
     pub rebuild_seconds: Option<prometheus::Histogram>,
     /// Time to govern one batch (rebuilds, counting, publishing).
     pub batch_seconds: Option<prometheus::Histogram>,
@@ -433,7 +437,59 @@ impl Engine {
         Ok(totals)
     }
 
-    /// Counts the batch's fresh events and publishes what changed.
+    /// The events of a batch governance must count: the fresh ones, and
+    /// the already stored ones that were never governed.
+    ///
+    /// A processor that dies between writing a batch and publishing its
+    /// decisions leaves the batch stored and uncommitted. Its redelivery
+    /// finds every event stored, yet no state counted them: the
+    /// installation is not in memory (the instance restarted, or the
+    /// partition moved), and its published state predates them (`as_of`).
+    /// Those are counted now, so the block or the alert they cause is
+    /// published (with the decision ids it would have had). A resend, or a
+    /// replay into the same database, finds them governed and leaves them
+    /// out. An event stored late and out of order (before `as_of`) is left
+    /// out too; the rebuild still counts it from ClickHouse.
+    ///
+    /// Decided once per batch, before any rebuild: a failed attempt can
+    /// leave some installations rebuilt in memory.
+    pub fn to_govern(
+        &self,
+        events: &[UsageEvent],
+        fresh: &[usize],
+        stored: &[usize],
+    ) -> Vec<usize> {
+        let mut governed_until: HashMap<&str, Option<i64>> = HashMap::new();
+        let mut chosen: Vec<usize> = fresh.to_vec();
+        for &i in stored {
+            let Some(e) = events.get(i) else { continue };
+            let install = e.install_id.as_str();
+            if self.installs.contains_key(install) {
+                continue;
+            }
+            let until = *governed_until
+                .entry(install)
+                .or_insert_with(|| self.setup.published.get(install).map(|s| s.as_of));
+            if until.is_none_or(|as_of| e.created_at > as_of) {
+                chosen.push(i);
+            }
+        }
+        if chosen.len() > fresh.len() {
+            if let Some(c) = &self.setup.metrics.recovered {
+                c.inc_by((chosen.len() - fresh.len()) as u64);
+            }
+            tracing::info!(
+                events = chosen.len() - fresh.len(),
+                "stored events never governed (an earlier attempt died): counting them now"
+            );
+            // Topic order, as they were written.
+            chosen.sort_unstable();
+        }
+        chosen
+    }
+
+    /// Counts these events of the batch (`to_govern`) and publishes what
+    /// changed.
     pub async fn on_batch(
         &mut self,
         events: &[UsageEvent],
