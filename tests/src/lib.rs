@@ -37,6 +37,27 @@ pub fn kafka_args() -> KafkaArgs {
     }
 }
 
+/// Deletes a test's topics, so that a machine running the suite again and
+/// again does not pile up partitions (which slow every Kafka restart).
+/// Best effort: a failure leaves them for later, and fails no test.
+pub async fn drop_topics(args: &KafkaArgs) {
+    let Ok(admin) = args
+        .client_config()
+        .create::<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>>()
+    else {
+        return;
+    };
+    let topics = [
+        args.events_topic.as_str(),
+        args.installations_topic.as_str(),
+        args.governance_topic.as_str(),
+        args.decisions_topic.as_str(),
+    ];
+    let _ = admin
+        .delete_topics(&topics, &rdkafka::admin::AdminOptions::new())
+        .await;
+}
+
 /// ClickHouse settings pointing at a database name nobody uses yet (not created).
 pub fn clickhouse_args() -> ClickHouseArgs {
     ClickHouseArgs {

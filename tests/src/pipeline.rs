@@ -351,5 +351,6 @@ impl Pipeline {
         }
         self.query.stop().await;
         drop_database(&self.clickhouse).await;
+        crate::drop_topics(&self.kafka).await;
     }
 }
