@@ -67,6 +67,14 @@ pub struct Config {
     /// its offsets are committed (proves redelivery counts nothing twice).
     #[arg(long, env = "USAGE_PROCESSORS_CRASH_AFTER_FLUSH", hide = true)]
     pub crash_after_flush: Option<u64>,
+    /// TEST ONLY: abort right after the N-th batch of governance decisions
+    /// reached ClickHouse, before they (and the states) go to Kafka.
+    #[arg(
+        long,
+        env = "USAGE_PROCESSORS_CRASH_AFTER_DECISIONS_STORED",
+        hide = true
+    )]
+    pub crash_after_decisions_stored: Option<u64>,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     #[command(flatten)]

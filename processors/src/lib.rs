@@ -166,6 +166,7 @@ impl Service for Processors {
             kafka: config.kafka.clone(),
             clickhouse: clickhouse.clone(),
             metrics: processor_metrics.governance.clone(),
+            crash_after_decisions_stored: config.crash_after_decisions_stored,
         });
         let events = EventsConsumer {
             consumer: consumer(

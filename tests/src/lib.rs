@@ -58,6 +58,50 @@ pub async fn drop_topics(args: &KafkaArgs) {
         .await;
 }
 
+/// The payloads of every message of `topic`, partition after partition,
+/// from the start up to its end now.
+pub async fn read_topic(args: &KafkaArgs, topic: &str) -> Vec<Vec<u8>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let mut config = args.client_config();
+    config
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false");
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let wait = Duration::from_secs(5);
+        let consumer: BaseConsumer = config.create().unwrap();
+        let metadata = consumer.fetch_metadata(Some(&topic), wait).unwrap();
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut out = Vec::new();
+        for partition in 0..partitions {
+            let (low, high) = consumer.fetch_watermarks(&topic, partition, wait).unwrap();
+            if high <= low {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(low))
+                .unwrap();
+            consumer.assign(&tpl).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                assert!(std::time::Instant::now() < deadline, "reading {topic}");
+                let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+                    continue;
+                };
+                let message = message.unwrap();
+                out.push(message.payload().unwrap_or_default().to_vec());
+                if message.offset() + 1 >= high {
+                    break;
+                }
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
 /// ClickHouse settings pointing at a database name nobody uses yet (not created).
 pub fn clickhouse_args() -> ClickHouseArgs {
     ClickHouseArgs {

@@ -9,6 +9,7 @@ use serde_json::Value;
 use usage_e2e::pipeline::{event, token, Pipeline, Site};
 use usage_e2e::processes::ProcessorProcess;
 use usage_e2e::{eventually, http, unique};
+use usage_schemas::wire::AvroRecord;
 use usage_service_kit::auth::Role;
 
 const BIN: &str = env!("CARGO_BIN_EXE_e2e-processors");
@@ -333,8 +334,7 @@ async fn kinds(p: &Pipeline, site: &Site) -> Vec<String> {
 }
 
 /// Waits (10 s at most) until the installation's decision kinds are
-/// `expected`: gateways may see a new state a moment before the history
-/// table has its decision (both are written before the batch commits).
+/// `expected` (the processor writes them a moment after its batch).
 async fn assert_kinds(p: &Pipeline, site: &Site, expected: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -485,6 +485,68 @@ async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks
         .remove(0);
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"], "plan_limit_reached");
+    replacement.kill().await;
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_processor_that_dies_between_the_history_and_kafka_publishes_on_redelivery() {
+    let p = Pipeline::start(false).await;
+    let site = Site::new(12);
+    assert_eq!(p.register(&site, "free").await.0, 201);
+    let t0 = base(10);
+    for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    // The first instance stores the batch and its three decisions in
+    // ClickHouse, then dies before anything reaches Kafka.
+    let group = unique("group");
+    let mut crashing = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &[
+            "--batch-events",
+            "50",
+            "--crash-after-decisions-stored",
+            "1",
+        ],
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), crashing.child.wait())
+        .await
+        .expect("the fault injection fires")
+        .unwrap();
+    assert!(!status.success(), "it aborted: {status:?}");
+    let stored = all_decisions(&p.clickhouse).await;
+    assert_eq!(
+        kinds(&p, &site).await,
+        ["cap_warning", "cap_critical", "blocked"]
+    );
+    assert_eq!(report(&p, &site).await["level"], "ok");
+    assert!(usage_e2e::read_topic(&p.kafka, &p.kafka.decisions_topic)
+        .await
+        .is_empty());
+
+    // The replacement governs the batch again: the block reaches the
+    // gateway, and the same three decisions (same ids) reach Kafka.
+    let replacement = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    wait_report(&p, &site, "the block", |r| r["level"] == "blocked").await;
+    let published: Vec<(String, String)> =
+        usage_e2e::read_topic(&p.kafka, &p.kafka.decisions_topic)
+            .await
+            .iter()
+            .map(|bytes| {
+                let d = usage_schemas::GovernanceDecision::from_wire(bytes).unwrap();
+                (d.decision_id, d.kind)
+            })
+            .collect();
+    let expected: Vec<(String, String)> = stored
+        .iter()
+        .map(|(id, _, kind, _, _)| (id.clone(), kind.clone()))
+        .collect();
+    assert_eq!(published, expected);
+    assert_eq!(all_decisions(&p.clickhouse).await, stored);
     replacement.kill().await;
     p.stop().await;
 }

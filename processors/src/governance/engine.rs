@@ -20,9 +20,10 @@
 //! - The monthly cap uses the exact monthly rollup: the count after the
 //!   batch, minus the batch's own events, plus one per event as they are
 //!   evaluated in order.
-//! - States that changed go to the compacted governance topic, decisions to
-//!   the decisions topic and the `governance_decisions` table, before the
-//!   batch's offsets are committed.
+//! - Decisions go to the `governance_decisions` table, then states that
+//!   changed to the compacted governance topic and decisions to the
+//!   decisions topic, all before the batch's offsets are committed (why in
+//!   that order: `publish`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -95,6 +96,10 @@ pub struct EngineSetup {
     pub kafka: KafkaArgs,
     pub clickhouse: Client,
     pub metrics: GovernanceMetrics,
+    /// TEST ONLY: abort right after the N-th batch of decisions reached
+    /// ClickHouse, before the states and decisions go to Kafka (proves a
+    /// redelivery publishes them). Never set in production.
+    pub crash_after_decisions_stored: Option<u64>,
 }
 
 /// One installation's state in memory and when a batch last touched it.
@@ -109,6 +114,7 @@ pub struct Engine {
     /// What the last batch decided but could not publish yet.
     unpublished: Option<(Vec<GovernanceState>, Vec<Decision>)>,
     last_sweep: Instant,
+    decision_batches_stored: u64,
 }
 
 /// Installation ids per ClickHouse query: they travel as a query parameter
@@ -128,6 +134,7 @@ impl Engine {
             setup,
             installs: HashMap::new(),
             unpublished: None,
+            decision_batches_stored: 0,
             last_sweep: Instant::now(),
         }
     }
@@ -210,6 +217,7 @@ impl Engine {
         installs: &[&str],
         batch: &HashMap<&str, Vec<&UsageEvent>>,
         since: i64,
+        batch_start: i64,
     ) -> Result<(), EngineError> {
         let new: Vec<String> = installs
             .iter()
@@ -226,7 +234,7 @@ impl Engine {
             .as_ref()
             .map(|h| h.start_timer());
         for chunk in new.chunks(IDS_PER_QUERY) {
-            self.rebuild_some(chunk, batch, since).await?;
+            self.rebuild_some(chunk, batch, since, batch_start).await?;
         }
         if let Some(c) = &self.setup.metrics.rebuilt {
             c.inc_by(new.len() as u64);
@@ -240,6 +248,7 @@ impl Engine {
         new: &[String],
         batch: &HashMap<&str, Vec<&UsageEvent>>,
         since: i64,
+        batch_start: i64,
     ) -> Result<(), EngineError> {
         let ch = &self.setup.clickhouse;
         let rows: Vec<RawCount> = ch
@@ -288,13 +297,18 @@ impl Engine {
             .param("ids", new)
             .fetch_all()
             .await?;
+        // Alerts made by the batch's own events (`batch_start` on) are not
+        // remembered: a batch whose decisions were stored by an attempt
+        // that died before publishing them derives them again (same ids),
+        // so that they reach Kafka too.
         let alerts: Vec<(String, String, i64)> = ch
             .query(
-                "SELECT install_id, kind, toUnixTimestamp64Milli(at) FROM governance_decisions FINAL
+                "SELECT install_id, kind, toUnixTimestamp64Milli(at) AS at_ms FROM governance_decisions FINAL
                  WHERE install_id IN {ids:Array(String)} AND kind IN ('cap_warning', 'cap_critical', 'blocked')
-                   AND at >= now64(3) - INTERVAL 2 DAY",
+                   AND at >= now64(3) - INTERVAL 2 DAY AND at_ms < {batch_start:Int64}",
             )
             .param("ids", new)
+            .param("batch_start", batch_start)
             .fetch_all()
             .await?;
 
@@ -533,10 +547,10 @@ impl Engine {
                 tracing::warn!(%install, "plan still unknown; governing with the default plan");
             }
         }
-        let since = fresh.iter().map(|e| e.created_at).min().unwrap_or_default()
-            - self.setup.windows.long.length_ms()
-            - self.setup.windows.grace_ms;
-        self.rebuild(&installs, &by_install, since).await?;
+        let batch_start = fresh.iter().map(|e| e.created_at).min().unwrap_or_default();
+        let since = batch_start - self.setup.windows.long.length_ms() - self.setup.windows.grace_ms;
+        self.rebuild(&installs, &by_install, since, batch_start)
+            .await?;
         let totals = self.monthly(&batch_months).await?;
 
         let mut counted: HashMap<(String, String), u64> = HashMap::new();
@@ -624,7 +638,8 @@ impl Engine {
         }
         let since =
             previous.as_of - self.setup.windows.long.length_ms() - self.setup.windows.grace_ms;
-        self.rebuild(&[install_id], &HashMap::new(), since).await?;
+        self.rebuild(&[install_id], &HashMap::new(), since, i64::MAX)
+            .await?;
         let plan = self.plan_of(install_id);
         let Some(held) = self.installs.get_mut(install_id) else {
             return Ok(());
@@ -650,6 +665,38 @@ impl Engine {
         states: Vec<GovernanceState>,
         decisions: Vec<Decision>,
     ) -> Result<(), EngineError> {
+        // The history first, Kafka second: an attempt that dies between the
+        // two leaves its state unpublished, so the redelivered batch is
+        // governed again (`to_govern`) and derives the same decisions, which
+        // then reach Kafka; the history's copy is deduplicated by id. The
+        // other order could leave decisions on Kafka that the history never
+        // gets.
+        if !decisions.is_empty() {
+            let mut insert = self
+                .setup
+                .clickhouse
+                .insert::<DecisionRow>("governance_decisions")
+                .await?;
+            for d in &decisions {
+                insert
+                    .write(&DecisionRow {
+                        decision_id: d.decision_id.clone(),
+                        install_id: d.install_id.clone(),
+                        kind: d.kind.clone(),
+                        reason: d.reason.clone(),
+                        at: DateTime::<Utc>::from_timestamp_millis(d.at).unwrap_or_default(),
+                    })
+                    .await?;
+            }
+            insert.end().await?;
+            self.decision_batches_stored += 1;
+            if self.setup.crash_after_decisions_stored == Some(self.decision_batches_stored) {
+                tracing::error!(
+                    "crash-after-decisions-stored fault injection: aborting before Kafka"
+                );
+                std::process::abort();
+            }
+        }
         let kafka_err = |e: String| EngineError::Kafka(e);
         let timeout = Duration::from_secs(10);
         let mut deliveries = Vec::new();
@@ -694,30 +741,11 @@ impl Engine {
                 Err(_) => return Err(kafka_err("producer shut down".into())),
             }
         }
-        if !decisions.is_empty() {
-            let mut insert = self
-                .setup
-                .clickhouse
-                .insert::<DecisionRow>("governance_decisions")
-                .await?;
-            for d in &decisions {
-                insert
-                    .write(&DecisionRow {
-                        decision_id: d.decision_id.clone(),
-                        install_id: d.install_id.clone(),
-                        kind: d.kind.clone(),
-                        reason: d.reason.clone(),
-                        at: DateTime::<Utc>::from_timestamp_millis(d.at).unwrap_or_default(),
-                    })
-                    .await?;
-            }
-            insert.end().await?;
-            if let Some(c) = &self.setup.metrics.decisions {
-                c.inc_by(decisions.len() as u64);
-            }
-            for d in &decisions {
-                tracing::info!(install_id = %d.install_id, kind = %d.kind, reason = %d.reason, "governance decision");
-            }
+        if let Some(c) = &self.setup.metrics.decisions {
+            c.inc_by(decisions.len() as u64);
+        }
+        for d in &decisions {
+            tracing::info!(install_id = %d.install_id, kind = %d.kind, reason = %d.reason, "governance decision");
         }
         for s in states {
             self.setup.published.insert(s);
