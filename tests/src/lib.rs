@@ -102,6 +102,14 @@ pub async fn read_topic(args: &KafkaArgs, topic: &str) -> Vec<Vec<u8>> {
     .unwrap()
 }
 
+/// A minute ago, but never before 00:00:01 UTC today: events sent with this
+/// time fall on today (and this month), whenever the test runs.
+pub fn a_minute_ago_today() -> chrono::DateTime<chrono::Utc> {
+    let now = chrono::Utc::now();
+    let day_start = now.date_naive().and_hms_opt(0, 0, 1).unwrap().and_utc();
+    (now - chrono::Duration::seconds(60)).max(day_start)
+}
+
 /// ClickHouse settings pointing at a database name nobody uses yet (not created).
 pub fn clickhouse_args() -> ClickHouseArgs {
     ClickHouseArgs {

@@ -84,8 +84,8 @@ async fn every_role_sees_exactly_its_own_rows_on_every_endpoint() {
     for s in [&a1, &a2, &b] {
         assert_eq!(p.register(s, "pro").await.0, 201);
     }
-    let at = (chrono::Utc::now() - chrono::Duration::seconds(60))
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let when = usage_e2e::a_minute_ago_today();
+    let at = when.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let data = [
         (&a1, vec![1, 1, 1, 2, 2]),
         (&a2, vec![1, 1, 1, 1]),
@@ -109,7 +109,7 @@ async fn every_role_sees_exactly_its_own_rows_on_every_endpoint() {
             .collect();
         assert_eq!(p.send(site, site.batch(events)).await.0, 200);
     }
-    let today = chrono::Utc::now().date_naive().to_string();
+    let today = when.date_naive().to_string();
     for (site, users) in &data {
         p.wait_for_requests(site, &today, users.len() as u64).await;
     }

@@ -34,15 +34,15 @@ async fn the_analyst_runs_the_documented_queries_and_cannot_write() {
     let (free, pro) = (Site::new(1), Site::new(2));
     assert_eq!(p.register(&free, "free").await.0, 201);
     assert_eq!(p.register(&pro, "pro").await.0, 201);
-    let at = (chrono::Utc::now() - chrono::Duration::seconds(60))
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let when = usage_e2e::a_minute_ago_today();
+    let at = when.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     for (site, n) in [(&free, 40u128), (&pro, 5)] {
         let events = (0..n)
             .map(|i| event(i, &site.user_hash(1), "bulk", "gpt-4o-mini", 100, 10, &at))
             .collect();
         assert_eq!(p.send(site, site.batch(events)).await.0, 200);
     }
-    let today = chrono::Utc::now().date_naive().to_string();
+    let today = when.date_naive().to_string();
     p.wait_for_requests(&free, &today, 40).await;
     p.wait_for_requests(&pro, &today, 5).await;
     // The free plan's warning (38 of 50) reaches the history table just

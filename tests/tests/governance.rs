@@ -20,20 +20,124 @@ fn iso(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// A start time `minutes` ago, on a 10 s bucket boundary, in the current month.
-fn base(minutes: i64) -> i64 {
-    let now = chrono::Utc::now();
-    let month_start = now
-        .date_naive()
-        .with_day0(0)
-        .unwrap()
-        .and_hms_opt(0, 0, 10)
-        .unwrap()
-        .and_utc();
-    let t = (now - chrono::Duration::minutes(minutes))
-        .max(month_start)
-        .timestamp_millis();
-    t - t.rem_euclid(10_000)
+/// What a test's events must not straddle.
+#[derive(Clone, Copy, Debug)]
+enum Within {
+    /// Nothing: the windows run on event time.
+    Anything,
+    /// A UTC month: the monthly count.
+    Month,
+    /// A UTC day: cap alerts are made at most once a day.
+    Day,
+}
+
+/// The gateway refuses events more than 300 s ahead; tests stay under that.
+const AHEAD_MS: i64 = 240_000;
+
+/// A start time about `minutes` ago, on a 10 s bucket boundary, such that
+/// `span_ms` of events from it stay `within` one UTC day or month and end
+/// at most `AHEAD_MS` from now. Right after midnight that can mean waiting
+/// (rare, and said).
+async fn base(minutes: i64, span_ms: i64, within: Within) -> i64 {
+    loop {
+        match start_at(chrono::Utc::now(), minutes, span_ms, within) {
+            Ok(t) => return t,
+            Err(wait_ms) => {
+                println!(
+                    "waiting {} s so that the events stay within one UTC {within:?}",
+                    wait_ms / 1000 + 1
+                );
+                tokio::time::sleep(Duration::from_millis(wait_ms as u64 + 1000)).await;
+            }
+        }
+    }
+}
+
+/// `base` at `now`: the start, or how long to wait (ms) before asking again.
+fn start_at(
+    now: chrono::DateTime<chrono::Utc>,
+    minutes: i64,
+    span_ms: i64,
+    within: Within,
+) -> Result<i64, i64> {
+    let today = now.date_naive();
+    let (start, end) = match within {
+        Within::Anything => (None, None),
+        Within::Day => (Some(today), today.succ_opt()),
+        Within::Month => {
+            let first = today.with_day0(0).unwrap();
+            (
+                Some(first),
+                first.checked_add_months(chrono::Months::new(1)),
+            )
+        }
+    };
+    let at = |d: Option<chrono::NaiveDate>| {
+        d.map(|d| {
+            d.and_hms_opt(0, 0, 10)
+                .unwrap()
+                .and_utc()
+                .timestamp_millis()
+        })
+    };
+    let now_ms = now.timestamp_millis();
+    let mut t = now_ms - minutes * 60_000;
+    if let Some(start) = at(start) {
+        t = t.max(start);
+    }
+    t -= t.rem_euclid(10_000);
+    let last = t + span_ms;
+    let wait_ms = match at(end) {
+        // Too close to the next day or month: start in it.
+        Some(end) if last >= end - 10_000 => end - now_ms,
+        _ => last - (now_ms + AHEAD_MS),
+    };
+    if wait_ms <= 0 {
+        Ok(t)
+    } else {
+        Err(wait_ms)
+    }
+}
+
+#[test]
+fn test_start_times_keep_their_events_within_a_day_or_a_month() {
+    let utc = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    let ms = |s: &str| utc(s).timestamp_millis();
+    // Mid-day: simply `minutes` ago, rounded down to 10 s.
+    let noon = utc("2026-11-15T12:00:05Z");
+    assert_eq!(
+        start_at(noon, 10, 500_000, Within::Day),
+        Ok(ms("2026-11-15T11:50:00Z"))
+    );
+    // Two minutes into a day: 500 s from 00:00:10 would end too far ahead.
+    let early = utc("2026-11-15T00:02:00Z");
+    assert_eq!(
+        start_at(early, 10, 500_000, Within::Day),
+        Err(ms("2026-11-15T00:08:30Z") - ms("2026-11-15T00:06:00Z"))
+    );
+    // Five minutes in, it fits from 00:00:10.
+    let later = utc("2026-11-15T00:05:00Z");
+    assert_eq!(
+        start_at(later, 10, 500_000, Within::Day),
+        Ok(ms("2026-11-15T00:00:10Z"))
+    );
+    // A month boundary holds a month-scoped test, not an unscoped one.
+    let first = utc("2026-12-01T00:10:00Z");
+    assert!(start_at(first, 59, 3_000_000, Within::Month).is_err());
+    assert_eq!(
+        start_at(first, 59, 3_000_000, Within::Anything),
+        Ok(ms("2026-11-30T23:11:00Z"))
+    );
+    assert_eq!(
+        start_at(first, 20, 300_000, Within::Day),
+        Ok(ms("2026-12-01T00:00:10Z"))
+    );
+    // Near the end of a day, a span that would cross midnight waits for it.
+    let late = utc("2026-11-15T23:59:00Z");
+    assert_eq!(
+        start_at(late, 1, 500_000, Within::Day),
+        Err(ms("2026-11-16T00:00:10Z") - ms("2026-11-15T23:59:00Z"))
+    );
 }
 
 use chrono::Datelike;
@@ -117,7 +221,7 @@ async fn the_101st_request_in_5_minutes_is_refused_until_the_window_frees() {
     let p = Pipeline::start(true).await;
     let site = Site::new(1);
     assert_eq!(p.register(&site, "agency").await.0, 201);
-    let t0 = base(20);
+    let t0 = base(20, 300_000, Within::Month).await;
     // 100 requests, one a second.
     for (status, body) in send(&p, &site, 0..100, 25, 100, |i| t0 + i as i64 * 1000).await {
         assert_eq!(status, 200, "{body}");
@@ -155,7 +259,7 @@ async fn the_token_limit_works_the_same_way() {
     let p = Pipeline::start(true).await;
     let site = Site::new(2);
     assert_eq!(p.register(&site, "agency").await.0, 201);
-    let t0 = base(20);
+    let t0 = base(20, 300_000, Within::Month).await;
     // 5 generations of 10,000 tokens reach the 50,000-token limit.
     for (status, body) in send(&p, &site, 0..5, 5, 10_000, |i| t0 + i as i64 * 1000).await {
         assert_eq!(status, 200, "{body}");
@@ -182,7 +286,7 @@ async fn abuse_is_flagged_at_200_requests_in_an_hour() {
     let p = Pipeline::start(true).await;
     let site = Site::new(3);
     assert_eq!(p.register(&site, "agency").await.0, 201);
-    let t0 = base(59);
+    let t0 = base(59, 200 * 15_000, Within::Anything).await;
     // 200 requests over 50 minutes: 4 a minute, never rate limited.
     for (status, body) in send(&p, &site, 0..200, 50, 100, |i| t0 + i as i64 * 15_000).await {
         assert_eq!(status, 200, "{body}");
@@ -204,7 +308,7 @@ async fn the_free_plan_warns_at_38_and_45_blocks_at_50_and_an_upgrade_unblocks()
     let p = Pipeline::start(true).await;
     let site = Site::new(4);
     assert_eq!(p.register(&site, "free").await.0, 201);
-    let t0 = base(10);
+    let t0 = base(10, 500_000, Within::Day).await;
     for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
         assert_eq!(status, 200, "{body}");
     }
@@ -269,7 +373,7 @@ async fn duplicates_move_no_counter_and_a_restarted_processor_keeps_its_counts()
     assert_eq!(p.register(&site, "agency").await.0, 201);
     let group = unique("group");
     let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
-    let t0 = base(20);
+    let t0 = base(20, 40_000, Within::Month).await;
     let batch = |ids: std::ops::Range<u128>| {
         site.batch(
             ids.map(|i| {
@@ -368,7 +472,7 @@ async fn an_idle_installation_leaves_memory_and_comes_back_with_the_same_counts(
         &unique("group"),
         &["--governance-idle-secs", "1"],
     );
-    let t0 = base(20);
+    let t0 = base(20, 100_000, Within::Month).await;
     for (status, body) in send(&p, &site, 0..60, 30, 100, |i| t0 + i as i64 * 1000).await {
         assert_eq!(status, 200, "{body}");
     }
@@ -411,7 +515,7 @@ async fn an_upgrade_unblocks_a_site_whose_processor_restarted_since_the_block() 
     assert_eq!(p.register(&site, "free").await.0, 201);
     let group = unique("group");
     let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
-    let t0 = base(10);
+    let t0 = base(10, 500_000, Within::Day).await;
     for (status, body) in send(&p, &site, 0..50, 25, 100, |i| t0 + i as i64 * 10_000).await {
         assert_eq!(status, 200, "{body}");
     }
@@ -445,7 +549,7 @@ async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks
     let p = Pipeline::start(false).await;
     let site = Site::new(11);
     assert_eq!(p.register(&site, "free").await.0, 201);
-    let t0 = base(10);
+    let t0 = base(10, 500_000, Within::Day).await;
     // The whole free plan, accepted while no processor runs.
     for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
         assert_eq!(status, 200, "{body}");
@@ -494,7 +598,7 @@ async fn a_processor_that_dies_between_the_history_and_kafka_publishes_on_redeli
     let p = Pipeline::start(false).await;
     let site = Site::new(12);
     assert_eq!(p.register(&site, "free").await.0, 201);
-    let t0 = base(10);
+    let t0 = base(10, 500_000, Within::Day).await;
     for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
         assert_eq!(status, 200, "{body}");
     }
@@ -573,7 +677,9 @@ async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
     assert_eq!(p.register(&limited, "agency").await.0, 201);
     assert_eq!(p.register(&abusive, "agency").await.0, 201);
     assert_eq!(p.register(&capped, "free").await.0, 201);
-    let t0 = base(59);
+    let t0 = base(59, 200 * 15_000, Within::Anything).await;
+    // The capped site's alerts must fall on one day.
+    let t_cap = base(25, 60 * 20_000, Within::Day).await;
     // What the gateway accepted of each site: whole batches of 100-token events.
     let accepted = |site: &Site, replies: Vec<(u16, Value)>, per_batch: u64| {
         let n = replies.iter().filter(|(status, _)| *status == 200).count() as u64 * per_batch;
@@ -596,7 +702,7 @@ async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
         // gateway, which may be after the 50th.
         accepted(
             &capped,
-            send(&p, &capped, 0..60, 5, 100, |i| t0 + i as i64 * 20_000).await,
+            send(&p, &capped, 0..60, 5, 100, |i| t_cap + i as i64 * 20_000).await,
             5,
         ),
     ];
