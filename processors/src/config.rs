@@ -67,8 +67,9 @@ pub struct Config {
     /// its offsets are committed (proves redelivery counts nothing twice).
     #[arg(long, env = "USAGE_PROCESSORS_CRASH_AFTER_FLUSH", hide = true)]
     pub crash_after_flush: Option<u64>,
-    /// TEST ONLY: abort right after the N-th batch of governance decisions
-    /// reached ClickHouse, before they (and the states) go to Kafka.
+    /// TEST ONLY: abort right after the N-th write of governance decisions
+    /// to ClickHouse (batches, plan changes and retries all count), before
+    /// they (and the states) go to Kafka.
     #[arg(
         long,
         env = "USAGE_PROCESSORS_CRASH_AFTER_DECISIONS_STORED",

@@ -354,7 +354,8 @@ impl EventsConsumer {
                     timer.observe_duration();
                     self.metrics.inserted.inc_by(report.inserted as u64);
                     // Every event of the batch is one of the three, so the
-                    // counters add up to the events consumed.
+                    // counters add up to the events consumed (less the
+                    // messages that did not decode).
                     let duplicates = events.len().saturating_sub(report.inserted + report.erased);
                     self.metrics.duplicates.inc_by(duplicates as u64);
                     self.metrics.erased.inc_by(report.erased as u64);

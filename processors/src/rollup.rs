@@ -56,7 +56,6 @@ pub struct FlushReport {
     /// governed (`Engine::to_govern`).
     pub stored: Vec<usize>,
     pub inserted: usize,
-    pub already_stored: usize,
     /// Events of erased installations, dropped.
     pub erased: usize,
     /// Installations erased between an earlier attempt at this batch and
@@ -184,7 +183,6 @@ pub async fn flush(
         .copied()
         .partition(|(_, e)| stored.contains(&(e.install_id.as_str(), e.event_id.as_str())));
     let (fresh_idx, fresh): (Vec<usize>, Vec<&UsageEvent>) = new.into_iter().unzip();
-    report.already_stored = found.len();
     report.stored = found.into_iter().map(|(i, _)| i).collect();
     report.fresh = fresh_idx;
 

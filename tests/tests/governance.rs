@@ -520,8 +520,7 @@ async fn an_upgrade_unblocks_a_site_whose_processor_restarted_since_the_block() 
         assert_eq!(status, 200, "{body}");
     }
     wait_report(&p, &site, "the block", |r| r["level"] == "blocked").await;
-    // Killed once the history has the block too (the gateway may see the
-    // state first).
+    // The history has the block too (written before the state is sent).
     assert_kinds(&p, &site, &["cap_warning", "cap_critical", "blocked"]).await;
     // A blocked site sends nothing the gateway accepts, so the restarted
     // processor never sees it again: the upgrade alone must unblock it.
@@ -677,9 +676,9 @@ async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
     assert_eq!(p.register(&limited, "agency").await.0, 201);
     assert_eq!(p.register(&abusive, "agency").await.0, 201);
     assert_eq!(p.register(&capped, "free").await.0, 201);
-    let t0 = base(59, 200 * 15_000, Within::Anything).await;
-    // The capped site's alerts must fall on one day.
+    // The capped site's alerts must fall on one day (this may wait, so first).
     let t_cap = base(25, 60 * 20_000, Within::Day).await;
+    let t0 = base(59, 200 * 15_000, Within::Anything).await;
     // What the gateway accepted of each site: whole batches of 100-token events.
     let accepted = |site: &Site, replies: Vec<(u16, Value)>, per_batch: u64| {
         let n = replies.iter().filter(|(status, _)| *status == 200).count() as u64 * per_batch;

@@ -108,6 +108,16 @@ struct Held {
     touched: Instant,
 }
 
+/// The events of a batch governance counts (`Engine::to_govern`).
+#[derive(Debug, Default)]
+pub struct Governed {
+    /// Indices into the batch, in topic order.
+    pub indices: Vec<usize>,
+    /// Installations with recovered events (stored by an attempt that died
+    /// before governing them), and the earliest of those events' times.
+    recovered_from: HashMap<String, i64>,
+}
+
 pub struct Engine {
     setup: EngineSetup,
     installs: HashMap<String, Held>,
@@ -217,7 +227,7 @@ impl Engine {
         installs: &[&str],
         batch: &HashMap<&str, Vec<&UsageEvent>>,
         since: i64,
-        batch_start: i64,
+        recovered_from: &HashMap<String, i64>,
     ) -> Result<(), EngineError> {
         let new: Vec<String> = installs
             .iter()
@@ -234,7 +244,8 @@ impl Engine {
             .as_ref()
             .map(|h| h.start_timer());
         for chunk in new.chunks(IDS_PER_QUERY) {
-            self.rebuild_some(chunk, batch, since, batch_start).await?;
+            self.rebuild_some(chunk, batch, since, recovered_from)
+                .await?;
         }
         if let Some(c) = &self.setup.metrics.rebuilt {
             c.inc_by(new.len() as u64);
@@ -248,7 +259,7 @@ impl Engine {
         new: &[String],
         batch: &HashMap<&str, Vec<&UsageEvent>>,
         since: i64,
-        batch_start: i64,
+        recovered_from: &HashMap<String, i64>,
     ) -> Result<(), EngineError> {
         let ch = &self.setup.clickhouse;
         let rows: Vec<RawCount> = ch
@@ -297,18 +308,13 @@ impl Engine {
             .param("ids", new)
             .fetch_all()
             .await?;
-        // Alerts made by the batch's own events (`batch_start` on) are not
-        // remembered: a batch whose decisions were stored by an attempt
-        // that died before publishing them derives them again (same ids),
-        // so that they reach Kafka too.
         let alerts: Vec<(String, String, i64)> = ch
             .query(
-                "SELECT install_id, kind, toUnixTimestamp64Milli(at) AS at_ms FROM governance_decisions FINAL
+                "SELECT install_id, kind, toUnixTimestamp64Milli(at) FROM governance_decisions FINAL
                  WHERE install_id IN {ids:Array(String)} AND kind IN ('cap_warning', 'cap_critical', 'blocked')
-                   AND at >= now64(3) - INTERVAL 2 DAY AND at_ms < {batch_start:Int64}",
+                   AND at >= now64(3) - INTERVAL 2 DAY",
             )
             .param("ids", new)
-            .param("batch_start", batch_start)
             .fetch_all()
             .await?;
 
@@ -316,13 +322,14 @@ impl Engine {
             .iter()
             .map(|id| (id.clone(), Installation::default()))
             .collect();
-        let batch_ids: HashSet<&str> = batch
+        // Event ids are unique per installation only.
+        let batch_ids: HashSet<(&str, &str)> = batch
             .values()
             .flatten()
-            .map(|e| e.event_id.as_str())
+            .map(|e| (e.install_id.as_str(), e.event_id.as_str()))
             .collect();
         for r in rows {
-            if batch_ids.contains(r.event_id.as_str()) {
+            if batch_ids.contains(&(r.install_id.as_str(), r.event_id.as_str())) {
                 continue;
             }
             if let Some(state) = rebuilt.get_mut(&r.install_id) {
@@ -348,6 +355,12 @@ impl Engine {
             state.restore(hourly, first_seen);
         }
         for (install, kind, at) in alerts {
+            // Alerts made by recovered events are not remembered: an
+            // attempt that stored them and died before Kafka had them is
+            // made good by deriving them again (same ids).
+            if recovered_from.get(&install).is_some_and(|from| at >= *from) {
+                continue;
+            }
             let level = match kind.as_str() {
                 "cap_warning" => Level::Warning,
                 "cap_critical" => Level::Critical,
@@ -467,14 +480,12 @@ impl Engine {
     ///
     /// Decided once per batch, before any rebuild: a failed attempt can
     /// leave some installations rebuilt in memory.
-    pub fn to_govern(
-        &self,
-        events: &[UsageEvent],
-        fresh: &[usize],
-        stored: &[usize],
-    ) -> Vec<usize> {
+    pub fn to_govern(&self, events: &[UsageEvent], fresh: &[usize], stored: &[usize]) -> Governed {
         let mut governed_until: HashMap<&str, Option<i64>> = HashMap::new();
-        let mut chosen: Vec<usize> = fresh.to_vec();
+        let mut chosen = Governed {
+            indices: fresh.to_vec(),
+            recovered_from: HashMap::new(),
+        };
         for &i in stored {
             let Some(e) = events.get(i) else { continue };
             let install = e.install_id.as_str();
@@ -485,31 +496,36 @@ impl Engine {
                 .entry(install)
                 .or_insert_with(|| self.setup.published.get(install).map(|s| s.as_of));
             if until.is_none_or(|as_of| e.created_at > as_of) {
-                chosen.push(i);
+                chosen.indices.push(i);
+                let from = chosen
+                    .recovered_from
+                    .entry(install.to_string())
+                    .or_insert(e.created_at);
+                *from = (*from).min(e.created_at);
             }
         }
-        if chosen.len() > fresh.len() {
+        let recovered = chosen.indices.len() - fresh.len();
+        if recovered > 0 {
             if let Some(c) = &self.setup.metrics.recovered {
-                c.inc_by((chosen.len() - fresh.len()) as u64);
+                c.inc_by(recovered as u64);
             }
             tracing::info!(
-                events = chosen.len() - fresh.len(),
+                events = recovered,
                 "stored events never governed (an earlier attempt died): counting them now"
             );
             // Topic order, as they were written.
-            chosen.sort_unstable();
+            chosen.indices.sort_unstable();
         }
         chosen
     }
 
-    /// Counts these events of the batch (`to_govern`) and publishes what
-    /// changed.
+    /// Counts the events `to_govern` chose and publishes what changed.
     pub async fn on_batch(
         &mut self,
         events: &[UsageEvent],
-        fresh: &[usize],
+        governed: &Governed,
     ) -> Result<(), EngineError> {
-        if fresh.is_empty() {
+        if governed.indices.is_empty() {
             return Ok(());
         }
         let _timer = self
@@ -518,7 +534,11 @@ impl Engine {
             .batch_seconds
             .as_ref()
             .map(|h| h.start_timer());
-        let fresh: Vec<&UsageEvent> = fresh.iter().filter_map(|i| events.get(*i)).collect();
+        let fresh: Vec<&UsageEvent> = governed
+            .indices
+            .iter()
+            .filter_map(|i| events.get(*i))
+            .collect();
         // Each installation's events, in topic order, grouped once.
         let mut installs: Vec<&str> = Vec::new();
         let mut by_install: HashMap<&str, Vec<&UsageEvent>> = HashMap::new();
@@ -547,9 +567,10 @@ impl Engine {
                 tracing::warn!(%install, "plan still unknown; governing with the default plan");
             }
         }
-        let batch_start = fresh.iter().map(|e| e.created_at).min().unwrap_or_default();
-        let since = batch_start - self.setup.windows.long.length_ms() - self.setup.windows.grace_ms;
-        self.rebuild(&installs, &by_install, since, batch_start)
+        let since = fresh.iter().map(|e| e.created_at).min().unwrap_or_default()
+            - self.setup.windows.long.length_ms()
+            - self.setup.windows.grace_ms;
+        self.rebuild(&installs, &by_install, since, &governed.recovered_from)
             .await?;
         let totals = self.monthly(&batch_months).await?;
 
@@ -638,7 +659,7 @@ impl Engine {
         }
         let since =
             previous.as_of - self.setup.windows.long.length_ms() - self.setup.windows.grace_ms;
-        self.rebuild(&[install_id], &HashMap::new(), since, i64::MAX)
+        self.rebuild(&[install_id], &HashMap::new(), since, &HashMap::new())
             .await?;
         let plan = self.plan_of(install_id);
         let Some(held) = self.installs.get_mut(install_id) else {
@@ -665,12 +686,12 @@ impl Engine {
         states: Vec<GovernanceState>,
         decisions: Vec<Decision>,
     ) -> Result<(), EngineError> {
-        // The history first, Kafka second: an attempt that dies between the
-        // two leaves its state unpublished, so the redelivered batch is
-        // governed again (`to_govern`) and derives the same decisions, which
-        // then reach Kafka; the history's copy is deduplicated by id. The
-        // other order could leave decisions on Kafka that the history never
-        // gets.
+        // In this order: the history, the decisions topic, then the states.
+        // The published state is what marks the batch governed
+        // (`to_govern`): an attempt that dies before it is acknowledged
+        // leaves the redelivered batch to be governed again, deriving the
+        // same decisions (same ids; the history deduplicates them), so
+        // nothing written before the death is missing after it.
         if !decisions.is_empty() {
             let mut insert = self
                 .setup
@@ -697,25 +718,54 @@ impl Engine {
                 std::process::abort();
             }
         }
-        let kafka_err = |e: String| EngineError::Kafka(e);
-        let timeout = Duration::from_secs(10);
-        let mut deliveries = Vec::new();
-        let mut payloads = Vec::new();
-        for s in &states {
-            payloads.push((
-                self.setup.kafka.governance_topic.clone(),
-                s.install_id.clone(),
-                s.to_wire().map_err(|e| kafka_err(e.to_string()))?,
-            ));
+        let to_kafka = |topic: &str, key: &str, wire: Result<Vec<u8>, _>| {
+            wire.map(|bytes| (topic.to_string(), key.to_string(), bytes))
+                .map_err(|e: usage_schemas::wire::WireError| EngineError::Kafka(e.to_string()))
+        };
+        let decision_records = decisions
+            .iter()
+            .map(|d| {
+                to_kafka(
+                    &self.setup.kafka.decisions_topic,
+                    &d.install_id,
+                    d.to_wire(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.send_acknowledged(&decision_records).await?;
+        let state_records = states
+            .iter()
+            .map(|s| {
+                to_kafka(
+                    &self.setup.kafka.governance_topic,
+                    &s.install_id,
+                    s.to_wire(),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.send_acknowledged(&state_records).await?;
+        if let Some(c) = &self.setup.metrics.decisions {
+            c.inc_by(decisions.len() as u64);
         }
         for d in &decisions {
-            payloads.push((
-                self.setup.kafka.decisions_topic.clone(),
-                d.install_id.clone(),
-                d.to_wire().map_err(|e| kafka_err(e.to_string()))?,
-            ));
+            tracing::info!(install_id = %d.install_id, kind = %d.kind, reason = %d.reason, "governance decision");
         }
-        for (topic, key, value) in &payloads {
+        for s in states {
+            self.setup.published.insert(s);
+        }
+        Ok(())
+    }
+
+    /// Sends (topic, key, payload) records and waits until Kafka has
+    /// acknowledged every one of them.
+    async fn send_acknowledged(
+        &self,
+        records: &[(String, String, Vec<u8>)],
+    ) -> Result<(), EngineError> {
+        let kafka_err = |e: String| EngineError::Kafka(e);
+        let timeout = Duration::from_secs(10);
+        let mut deliveries = Vec::with_capacity(records.len());
+        for (topic, key, value) in records {
             let mut record = FutureRecord::to(topic)
                 .key(key.as_str())
                 .payload(value.as_slice());
@@ -740,15 +790,6 @@ impl Engine {
                 Ok(Err((e, _))) => return Err(kafka_err(e.to_string())),
                 Err(_) => return Err(kafka_err("producer shut down".into())),
             }
-        }
-        if let Some(c) = &self.setup.metrics.decisions {
-            c.inc_by(decisions.len() as u64);
-        }
-        for d in &decisions {
-            tracing::info!(install_id = %d.install_id, kind = %d.kind, reason = %d.reason, "governance decision");
-        }
-        for s in states {
-            self.setup.published.insert(s);
         }
         Ok(())
     }
