@@ -70,6 +70,25 @@ impl ProcessorProcess {
         Self { child, port }
     }
 
+    /// Runs an instance with a fault injected (`fault`, e.g.
+    /// `["--crash-after-flush", "1"]`) until it aborts, and asserts that it
+    /// did (within 60 s, and not by exiting cleanly).
+    pub async fn run_until_fault(
+        binary: &str,
+        kafka: &KafkaArgs,
+        clickhouse: &ClickHouseArgs,
+        group: &str,
+        fault: &[&str],
+    ) {
+        let mut crashing = Self::spawn(binary, kafka, clickhouse, group, fault);
+        let status =
+            tokio::time::timeout(std::time::Duration::from_secs(60), crashing.child.wait())
+                .await
+                .expect("the fault injection fires")
+                .unwrap();
+        assert!(!status.success(), "it aborted: {status:?}");
+    }
+
     /// SIGKILL: no flush, no commit, no goodbye.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;

@@ -556,18 +556,14 @@ async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks
     // The first instance writes the 50 events (one batch), then dies
     // before governing them or committing.
     let group = unique("group");
-    let mut crashing = ProcessorProcess::spawn(
+    ProcessorProcess::run_until_fault(
         BIN,
         &p.kafka,
         &p.clickhouse,
         &group,
         &["--batch-events", "50", "--crash-after-flush", "1"],
-    );
-    let status = tokio::time::timeout(Duration::from_secs(60), crashing.child.wait())
-        .await
-        .expect("the fault injection fires")
-        .unwrap();
-    assert!(!status.success(), "it aborted: {status:?}");
+    )
+    .await;
     assert_eq!(p.raw_totals(&site).await, (50, 5000));
     assert_eq!(kinds(&p, &site).await, Vec::<String>::new());
 
@@ -604,7 +600,7 @@ async fn a_processor_that_dies_between_the_history_and_kafka_publishes_on_redeli
     // The first instance stores the batch and its three decisions in
     // ClickHouse, then dies before anything reaches Kafka.
     let group = unique("group");
-    let mut crashing = ProcessorProcess::spawn(
+    ProcessorProcess::run_until_fault(
         BIN,
         &p.kafka,
         &p.clickhouse,
@@ -615,12 +611,8 @@ async fn a_processor_that_dies_between_the_history_and_kafka_publishes_on_redeli
             "--crash-after-decisions-stored",
             "1",
         ],
-    );
-    let status = tokio::time::timeout(Duration::from_secs(60), crashing.child.wait())
-        .await
-        .expect("the fault injection fires")
-        .unwrap();
-    assert!(!status.success(), "it aborted: {status:?}");
+    )
+    .await;
     let stored = all_decisions(&p.clickhouse).await;
     assert_eq!(
         kinds(&p, &site).await,
