@@ -166,7 +166,8 @@ impl EventsConsumer {
                 for install in &plan_changes {
                     let owned = ownership.as_ref().is_some_and(|o| o.owns(install));
                     if let Err(err) = self.governance.on_plan_change(install, owned).await {
-                        tracing::warn!(%err, %install, "re-evaluation after a plan change failed");
+                        tracing::warn!(%err, %install, "re-evaluation after a plan change failed; retrying in 1 s");
+                        self.governance.retry_plan_change(install);
                     }
                 }
             }

@@ -635,6 +635,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Acts on this installation's plan change again in a second: acting
+    /// on it failed (e.g. Kafka refused the new state).
+    pub fn retry_plan_change(&self, install_id: &str) {
+        self.setup
+            .plans
+            .retry_later(install_id.to_string(), Duration::from_secs(1));
+    }
+
     /// Installations whose published state predates their current plan (a
     /// plan change no owner acted on, e.g. during a rebalance).
     pub fn plans_not_yet_applied(&self) -> Vec<String> {

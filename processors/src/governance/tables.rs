@@ -36,6 +36,17 @@ impl Plans {
         )
     }
 
+    /// Reports a plan change again after `delay`: acting on it failed, and
+    /// nothing else may wake the consumer for it (a blocked site sends
+    /// nothing the gateway accepts).
+    pub fn retry_later(&self, install_id: String, delay: std::time::Duration) {
+        let changes = self.changes.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = changes.send(install_id);
+        });
+    }
+
     pub fn plan(&self, install_id: &str) -> Option<String> {
         self.plans
             .read()
