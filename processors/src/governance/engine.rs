@@ -20,9 +20,9 @@
 //! - The monthly cap uses the exact monthly rollup: the count after the
 //!   batch, minus the batch's own events, plus one per event as they are
 //!   evaluated in order.
-//! - Decisions go to the `governance_decisions` table, then states that
-//!   changed to the compacted governance topic and decisions to the
-//!   decisions topic, all before the batch's offsets are committed (why in
+//! - Decisions go to the `governance_decisions` table, then to the
+//!   decisions topic, then the states that changed to the compacted
+//!   governance topic, all before the batch's offsets are committed (why in
 //!   that order: `publish`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -96,8 +96,8 @@ pub struct EngineSetup {
     pub kafka: KafkaArgs,
     pub clickhouse: Client,
     pub metrics: GovernanceMetrics,
-    /// TEST ONLY: abort right after the N-th batch of decisions reached
-    /// ClickHouse, before the states and decisions go to Kafka (proves a
+    /// TEST ONLY: abort right after the N-th write of decisions to
+    /// ClickHouse, before the decisions and states go to Kafka (proves a
     /// redelivery publishes them). Never set in production.
     pub crash_after_decisions_stored: Option<u64>,
 }
