@@ -543,27 +543,35 @@ async fn an_upgrade_unblocks_a_site_whose_processor_restarted_since_the_block() 
     p.stop().await;
 }
 
-#[tokio::test]
-async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks_on_redelivery() {
+/// A free-plan site whose whole plan (50 generations) the gateway accepted
+/// while no processor ran, then a first instance that ran with `fault` at
+/// its first occasion and aborted: the pipeline, the site, its first
+/// event's time and the consumer group.
+async fn whole_free_plan_then_a_fault(n: u32, fault: &str) -> (Pipeline, Site, i64, String) {
     let p = Pipeline::start(false).await;
-    let site = Site::new(11);
+    let site = Site::new(n);
     assert_eq!(p.register(&site, "free").await.0, 201);
     let t0 = base(10, 500_000, Within::Day).await;
-    // The whole free plan, accepted while no processor runs.
     for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
         assert_eq!(status, 200, "{body}");
     }
-    // The first instance writes the 50 events (one batch), then dies
-    // before governing them or committing.
     let group = unique("group");
     ProcessorProcess::run_until_fault(
         BIN,
         &p.kafka,
         &p.clickhouse,
         &group,
-        &["--batch-events", "50", "--crash-after-flush", "1"],
+        &["--batch-events", "50", fault, "1"],
     )
     .await;
+    (p, site, t0, group)
+}
+
+#[tokio::test]
+async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks_on_redelivery() {
+    // The first instance writes the 50 events (one batch), then dies
+    // before governing them or committing.
+    let (p, site, t0, group) = whole_free_plan_then_a_fault(11, "--crash-after-flush").await;
     assert_eq!(p.raw_totals(&site).await, (50, 5000));
     assert_eq!(kinds(&p, &site).await, Vec::<String>::new());
 
@@ -590,29 +598,10 @@ async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks
 
 #[tokio::test]
 async fn a_processor_that_dies_between_the_history_and_kafka_publishes_on_redelivery() {
-    let p = Pipeline::start(false).await;
-    let site = Site::new(12);
-    assert_eq!(p.register(&site, "free").await.0, 201);
-    let t0 = base(10, 500_000, Within::Day).await;
-    for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
-        assert_eq!(status, 200, "{body}");
-    }
     // The first instance stores the batch and its three decisions in
     // ClickHouse, then dies before anything reaches Kafka.
-    let group = unique("group");
-    ProcessorProcess::run_until_fault(
-        BIN,
-        &p.kafka,
-        &p.clickhouse,
-        &group,
-        &[
-            "--batch-events",
-            "50",
-            "--crash-after-decisions-stored",
-            "1",
-        ],
-    )
-    .await;
+    let (p, site, _, group) =
+        whole_free_plan_then_a_fault(12, "--crash-after-decisions-stored").await;
     let stored = all_decisions(&p.clickhouse).await;
     assert_eq!(
         kinds(&p, &site).await,
