@@ -726,32 +726,11 @@ impl Engine {
                 std::process::abort();
             }
         }
-        let to_kafka = |topic: &str, key: &str, wire: Result<Vec<u8>, _>| {
-            wire.map(|bytes| (topic.to_string(), key.to_string(), bytes))
-                .map_err(|e: usage_schemas::wire::WireError| EngineError::Kafka(e.to_string()))
-        };
-        let decision_records = decisions
-            .iter()
-            .map(|d| {
-                to_kafka(
-                    &self.setup.kafka.decisions_topic,
-                    &d.install_id,
-                    d.to_wire(),
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.send_acknowledged(&decision_records).await?;
-        let state_records = states
-            .iter()
-            .map(|s| {
-                to_kafka(
-                    &self.setup.kafka.governance_topic,
-                    &s.install_id,
-                    s.to_wire(),
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.send_acknowledged(&state_records).await?;
+        let topics = &self.setup.kafka;
+        self.send_acknowledged(&topics.decisions_topic, &decisions, |d| &d.install_id)
+            .await?;
+        self.send_acknowledged(&topics.governance_topic, &states, |s| &s.install_id)
+            .await?;
         if let Some(c) = &self.setup.metrics.decisions {
             c.inc_by(decisions.len() as u64);
         }
@@ -764,19 +743,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Sends (topic, key, payload) records and waits until Kafka has
-    /// acknowledged every one of them.
-    async fn send_acknowledged(
+    /// Sends `records` to `topic`, each keyed by its installation, and waits
+    /// until Kafka has acknowledged every one of them.
+    async fn send_acknowledged<R: AvroRecord>(
         &self,
-        records: &[(String, String, Vec<u8>)],
+        topic: &str,
+        records: &[R],
+        key: fn(&R) -> &str,
     ) -> Result<(), EngineError> {
         let kafka_err = |e: String| EngineError::Kafka(e);
         let timeout = Duration::from_secs(10);
-        let mut deliveries = Vec::with_capacity(records.len());
-        for (topic, key, value) in records {
-            let mut record = FutureRecord::to(topic)
-                .key(key.as_str())
-                .payload(value.as_slice());
+        let encoded = records
+            .iter()
+            .map(|r| r.to_wire().map(|bytes| (key(r), bytes)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| kafka_err(e.to_string()))?;
+        let mut deliveries = Vec::with_capacity(encoded.len());
+        for (key, value) in &encoded {
+            let mut record = FutureRecord::to(topic).key(*key).payload(value.as_slice());
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
                 match self.setup.producer.send_result(record) {
