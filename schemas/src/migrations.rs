@@ -18,6 +18,9 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, clap::Parser)]
 #[command(name = "usage-migrate", version)]
 pub struct MigrateConfig {
+    /// Only print the versions not applied yet, one per line; apply nothing.
+    #[arg(long)]
+    pub pending: bool,
     #[command(flatten)]
     pub clickhouse: usage_service_kit::clickhouse::ClickHouseArgs,
     #[command(flatten)]
@@ -52,6 +55,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(7, "0007_governance_decisions"),
     migration!(8, "0008_erased_installations"),
     migration!(9, "0009_usage_install_daily"),
+    migration!(10, "0010_usage_daily_small_granules"),
 ];
 
 impl Migration {
@@ -127,9 +131,12 @@ fn valid_identifier(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Applies every pending migration to `database` (created if absent).
-/// `server` is a client without a default database.
-pub async fn migrate(server: &Client, database: &str) -> Result<MigrationReport, MigrationError> {
+/// The database's client, with the database and `schema_migrations`
+/// created if absent, and the migrations recorded there.
+async fn open(
+    server: &Client,
+    database: &str,
+) -> Result<(Client, Vec<AppliedRow>), MigrationError> {
     if !valid_identifier(database) {
         return Err(MigrationError::BadDatabaseName(database.to_string()));
     }
@@ -152,9 +159,35 @@ pub async fn migrate(server: &Client, database: &str) -> Result<MigrationReport,
         .query("SELECT version, name, checksum FROM schema_migrations FINAL ORDER BY version")
         .fetch_all()
         .await?;
+    Ok((db, applied))
+}
 
+/// The versions of [`MIGRATIONS`] that `database` has not recorded yet.
+pub async fn pending(server: &Client, database: &str) -> Result<Vec<u32>, MigrationError> {
+    let (_, applied) = open(server, database).await?;
+    Ok(MIGRATIONS
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.iter().any(|r| r.version == *v))
+        .collect())
+}
+
+/// Applies every pending migration to `database` (created if absent).
+/// `server` is a client without a default database.
+pub async fn migrate(server: &Client, database: &str) -> Result<MigrationReport, MigrationError> {
+    migrate_through(server, database, MIGRATIONS).await
+}
+
+/// [`migrate`] with the given migrations only (a prefix of [`MIGRATIONS`]):
+/// tests use it to stand a database at an older version.
+pub async fn migrate_through(
+    server: &Client,
+    database: &str,
+    migrations: &[Migration],
+) -> Result<MigrationReport, MigrationError> {
+    let (db, applied) = open(server, database).await?;
     let mut report = MigrationReport::default();
-    for migration in MIGRATIONS {
+    for migration in migrations {
         let checksum = migration.checksum();
         if let Some(row) = applied.iter().find(|r| r.version == migration.version) {
             if row.checksum != checksum {
@@ -171,9 +204,10 @@ pub async fn migrate(server: &Client, database: &str) -> Result<MigrationReport,
             name = migration.name,
             "applying migration"
         );
-        for statement in migration.statements() {
-            db.query(&statement)
-                .execute()
+        let statements = migration.statements();
+        for (i, statement) in statements.iter().enumerate() {
+            let step = format!("{}/{}", i + 1, statements.len());
+            run_with_progress(&db, statement, migration.name, &step)
                 .await
                 .map_err(|source| MigrationError::Statement {
                     version: migration.version,
@@ -190,6 +224,41 @@ pub async fn migrate(server: &Client, database: &str) -> Result<MigrationReport,
         report.applied.push(migration.version);
     }
     Ok(report)
+}
+
+/// Where long statements report progress (`./stack up` shows only this).
+pub const PROGRESS_TARGET: &str = "usage_migrate::progress";
+
+/// Runs one statement. A backfill or a table copy can take minutes: every
+/// 10 s it says it is still running, and at the end how long it took.
+async fn run_with_progress(
+    db: &Client,
+    sql: &str,
+    migration: &str,
+    step: &str,
+) -> Result<(), clickhouse::error::Error> {
+    let started = std::time::Instant::now();
+    let run = db.query(sql).execute();
+    tokio::pin!(run);
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(10));
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            done = &mut run => break done?,
+            _ = ticks.tick() => tracing::info!(
+                target: PROGRESS_TARGET,
+                migration,
+                step,
+                seconds = started.elapsed().as_secs(),
+                "still running"
+            ),
+        }
+    }
+    let seconds = started.elapsed().as_secs();
+    if seconds >= 10 {
+        tracing::info!(target: PROGRESS_TARGET, migration, step, seconds, "done");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -235,22 +304,34 @@ mod tests {
             let statements = m.statements();
             assert!(!statements.is_empty(), "{} has no statement", m.name);
             for s in statements {
-                // DDL says IF NOT EXISTS; seed and backfill INSERTs go to
+                // DDL says IF [NOT] EXISTS; seed and backfill INSERTs go to
                 // ReplacingMergeTree tables, where inserting the same keys
-                // again (with the same values) changes nothing.
-                let idempotent_insert = [
+                // again (with the same values) changes nothing. A table
+                // rebuild starts by dropping what a run that died left.
+                let idempotent = [
                     "INSERT INTO model_prices",
                     "INSERT INTO usage_install_daily",
+                    "DROP TABLE IF EXISTS",
                 ]
                 .iter()
-                .any(|table| s.starts_with(table));
+                .any(|start| s.starts_with(start))
+                    || is_table_rebuild(m);
                 assert!(
-                    s.contains("IF NOT EXISTS") || idempotent_insert,
+                    s.contains("IF NOT EXISTS") || idempotent,
                     "{}: statement is not idempotent: {s}",
                     m.name
                 );
             }
         }
+    }
+
+    /// A migration that copies a table into a new one and swaps them: its
+    /// first statement drops the new table, whatever a run that died left.
+    fn is_table_rebuild(m: &Migration) -> bool {
+        m.statements()
+            .first()
+            .is_some_and(|s| s.starts_with("DROP TABLE IF EXISTS") && s.contains("_rebuild"))
+            && m.sql.contains("EXCHANGE TABLES")
     }
 
     #[test]

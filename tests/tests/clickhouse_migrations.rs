@@ -3,7 +3,7 @@
 //! dedup by event_id, activity view).
 
 use usage_e2e::{clickhouse_args, drop_database, migrated_database, require_clickhouse};
-use usage_schemas::migrations::{migrate, MigrationError, MIGRATIONS};
+use usage_schemas::migrations::{migrate, migrate_through, MigrationError, MIGRATIONS};
 use usage_schemas::rows::{UsageEventRow, COST_SCALE};
 
 async fn show_create(client: &clickhouse::Client, table: &str) -> String {
@@ -161,5 +161,205 @@ async fn raw_events_dedup_by_event_id_and_feed_installation_activity() {
         .unwrap();
     assert_eq!(first, earlier.timestamp_millis());
     assert_eq!(last, day.timestamp_millis());
+    drop_database(&ch).await;
+}
+
+/// Every row of usage_daily as text, sorted, as readers see it (FINAL:
+/// inserts and merges may collapse replaced versions at any time).
+async fn daily_rows(client: &clickhouse::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT toString((install_id, date, user_hash, source, model, account_id, requests,
+                    prompt_tokens, completion_tokens, total_tokens, cost_usd, version))
+             FROM usage_daily FINAL ORDER BY 1",
+        )
+        .fetch_all()
+        .await
+        .unwrap()
+}
+
+/// A database at migration 9, its usage_daily holding a day rewritten by a
+/// second recompute (two versions of one key) beside other rows.
+async fn daily_rollups_at_version_9() -> (usage_service_kit::clickhouse::ClickHouseArgs, Vec<String>)
+{
+    let ch = clickhouse_args();
+    require_clickhouse(&ch).await;
+    let report = migrate_through(&ch.server_client(), &ch.database, &MIGRATIONS[..9])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, (1..=9).collect::<Vec<u32>>());
+    let client = ch.client();
+    for (install, day, requests, version) in [
+        ("inst_a", 1, 3, 10),
+        ("inst_a", 1, 4, 11),
+        ("inst_a", 2, 1, 10),
+        ("inst_b", 1, 7, 12),
+    ] {
+        client
+            .query(
+                "INSERT INTO usage_daily VALUES (?, today() - ?, 'u1', 'inline', 'gpt-4o-mini', 'acc',
+                 ?, 10, 2, 12, 0.000123456789, ?)",
+            )
+            .bind(install)
+            .bind(day)
+            .bind(requests)
+            .bind(version)
+            .execute()
+            .await
+            .unwrap();
+    }
+    let rows = daily_rows(&client).await;
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows[1].contains(",4,10,2,12,"),
+        "the newer recompute: {rows:?}"
+    );
+    (ch, rows)
+}
+
+async fn granularity(client: &clickhouse::Client, table: &str) -> Option<String> {
+    client
+        .query(
+            "SELECT extract(engine_full, 'index_granularity = (\\\\d+)') FROM system.tables
+             WHERE database = currentDatabase() AND name = ?",
+        )
+        .bind(table)
+        .fetch_optional()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn usage_daily_is_rebuilt_with_small_granules_and_keeps_every_row() {
+    let (ch, before) = daily_rollups_at_version_9().await;
+    let client = ch.client();
+    assert_eq!(
+        granularity(&client, "usage_daily").await.as_deref(),
+        Some("8192")
+    );
+
+    let report = migrate(&ch.server_client(), &ch.database).await.unwrap();
+    assert_eq!(report.applied, [10]);
+    assert_eq!(
+        granularity(&client, "usage_daily").await.as_deref(),
+        Some("1024")
+    );
+    assert_eq!(
+        granularity(&client, "usage_daily_rebuild").await,
+        None,
+        "old table dropped"
+    );
+    assert_eq!(
+        daily_rows(&client).await,
+        before,
+        "every row, every version"
+    );
+    let daily = show_create(&client, "usage_daily").await;
+    assert!(daily.contains("TTL date + toIntervalYear(2)"), "{daily}");
+    assert!(daily.contains("ReplacingMergeTree(version)"), "{daily}");
+    drop_database(&ch).await;
+}
+
+#[tokio::test]
+async fn the_rebuild_repeats_safely_after_dying_before_or_after_the_swap() {
+    let (ch, before) = daily_rollups_at_version_9().await;
+    let client = ch.client();
+    let exec = |sql: String| {
+        let client = client.clone();
+        async move { client.query(&sql).execute().await.unwrap() }
+    };
+    let statements = MIGRATIONS[9].statements();
+    let create = statements
+        .iter()
+        .find(|s| s.starts_with("CREATE TABLE usage_daily_rebuild"))
+        .unwrap();
+
+    // Died during the copy: a half-filled new table, plus a row nobody wrote.
+    exec(create.clone()).await;
+    exec(
+        "INSERT INTO usage_daily_rebuild SELECT * FROM usage_daily WHERE install_id = 'inst_b'"
+            .into(),
+    )
+    .await;
+    exec("INSERT INTO usage_daily_rebuild SELECT * REPLACE ('inst_ghost' AS install_id) FROM usage_daily".into()).await;
+    let report = migrate(&ch.server_client(), &ch.database).await.unwrap();
+    assert_eq!(report.applied, [10]);
+    assert_eq!(
+        daily_rows(&client).await,
+        before,
+        "copied again from the start"
+    );
+    assert_eq!(
+        granularity(&client, "usage_daily").await.as_deref(),
+        Some("1024")
+    );
+
+    // Died after the swap, before the old table was dropped (and before the
+    // migration was recorded): the old table is still there, with 8,192-row
+    // granules and rows that must not come back.
+    exec(create.replace("index_granularity = 1024", "index_granularity = 8192")).await;
+    exec("INSERT INTO usage_daily_rebuild SELECT * REPLACE ('inst_ghost' AS install_id) FROM usage_daily".into()).await;
+    exec(
+        "ALTER TABLE schema_migrations DELETE WHERE version = 10 SETTINGS mutations_sync = 1"
+            .into(),
+    )
+    .await;
+    let report = migrate(&ch.server_client(), &ch.database).await.unwrap();
+    assert_eq!(report.applied, [10]);
+    assert_eq!(daily_rows(&client).await, before, "not swapped back");
+    assert_eq!(
+        granularity(&client, "usage_daily").await.as_deref(),
+        Some("1024")
+    );
+    assert_eq!(
+        granularity(&client, "usage_daily_rebuild").await,
+        None,
+        "old table dropped"
+    );
+    drop_database(&ch).await;
+}
+
+/// A processor writing during the copy would lose its rows with the old
+/// table: the check before the swap refuses, and the next run copies again.
+#[tokio::test]
+async fn the_rebuild_refuses_to_swap_when_usage_daily_was_written_during_the_copy() {
+    let (ch, _) = daily_rollups_at_version_9().await;
+    let client = ch.client();
+    let statements = MIGRATIONS[9].statements();
+    let check = statements
+        .iter()
+        .position(|s| s.contains("throwIf"))
+        .unwrap();
+    for s in &statements[..check] {
+        client.query(s).execute().await.unwrap();
+    }
+    // A recompute lands in the old table after the copy.
+    client
+        .query(
+            "INSERT INTO usage_daily VALUES ('inst_a', today() - 1, 'u1', 'inline', 'gpt-4o-mini',
+             'acc', 5, 10, 2, 12, 0.000123456789, 13)",
+        )
+        .execute()
+        .await
+        .unwrap();
+    let err = client
+        .query(&statements[check])
+        .execute()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("stop the processors"), "{err}");
+
+    // Run whole (writers stopped), it copies the late row too.
+    let with_late_row = daily_rows(&client).await;
+    assert!(
+        with_late_row[1].contains(",5,10,2,12,"),
+        "{with_late_row:?}"
+    );
+    migrate(&ch.server_client(), &ch.database).await.unwrap();
+    assert_eq!(daily_rows(&client).await, with_late_row);
+    assert_eq!(
+        granularity(&client, "usage_daily").await.as_deref(),
+        Some("1024")
+    );
     drop_database(&ch).await;
 }
