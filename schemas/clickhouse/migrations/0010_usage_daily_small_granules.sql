@@ -7,7 +7,12 @@
 -- year; right after a bulk load (62 parts) a 1-year summary read 508k rows
 -- (89 MB) for them, p99 155-172 ms. With 1,024-row granules it reads about
 -- 42k, p99 65-94 ms (BENCHMARKS.md). The price: 8 times as many marks (a
--- primary index of 5 MiB in memory for 98M rows instead of 0.6 MiB).
+-- primary index of 5 MiB in memory for 98M rows instead of 0.6 MiB), and
+-- where every batch touches nearly every installation (200 of them) the
+-- processors' recomputes, which read usage_daily by key too, drain ~11%
+-- slower; with 100k installations the difference is within the noise, and
+-- over the 98M rows a recompute of 2,000 random keys reads 2.1M rows
+-- instead of 7.4M (376-415 ms instead of 575 ms).
 --
 -- index_granularity is fixed when a table is created, so the rows are
 -- copied into a new table and the two are swapped (EXCHANGE is atomic:
