@@ -4,8 +4,10 @@
 //! reasoning for each table's engine, keys, partitions and TTL next to it.
 //! The runner creates the database, then applies, in order, every migration
 //! not yet recorded in `schema_migrations`, recording each with a SHA-256 of
-//! its text. It is idempotent: statements use IF NOT EXISTS, so a crash
-//! between applying and recording is repaired by the next run. A recorded
+//! its text. It is idempotent: statements use IF NOT EXISTS, and a table
+//! rebuild (copy into `<table>_rebuild`, swap) starts by dropping whatever
+//! a run that died left, so a crash between applying and recording is
+//! repaired by the next run. A recorded
 //! migration whose text has changed since is refused: migrations are
 //! append-only, a change is a new file.
 
@@ -18,7 +20,8 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, clap::Parser)]
 #[command(name = "usage-migrate", version)]
 pub struct MigrateConfig {
-    /// Only print the versions not applied yet, one per line; apply nothing.
+    /// Only print the versions not applied yet, one per line, and apply
+    /// none (the database and its `schema_migrations` are created if absent).
     #[arg(long)]
     pub pending: bool,
     #[command(flatten)]
@@ -162,14 +165,29 @@ async fn open(
     Ok((db, applied))
 }
 
-/// The versions of [`MIGRATIONS`] that `database` has not recorded yet.
+/// Whether `migration` is recorded as applied; an error if it was edited since.
+fn is_applied(migration: &Migration, applied: &[AppliedRow]) -> Result<bool, MigrationError> {
+    match applied.iter().find(|r| r.version == migration.version) {
+        Some(row) if row.checksum != migration.checksum() => Err(MigrationError::Edited {
+            version: row.version,
+            name: row.name.clone(),
+        }),
+        Some(_) => Ok(true),
+        None => Ok(false),
+    }
+}
+
+/// The versions of [`MIGRATIONS`] that `database` has not recorded yet
+/// (an error, as for [`migrate`], if an applied one was edited since).
 pub async fn pending(server: &Client, database: &str) -> Result<Vec<u32>, MigrationError> {
     let (_, applied) = open(server, database).await?;
-    Ok(MIGRATIONS
-        .iter()
-        .map(|m| m.version)
-        .filter(|v| !applied.iter().any(|r| r.version == *v))
-        .collect())
+    let mut pending = Vec::new();
+    for migration in MIGRATIONS {
+        if !is_applied(migration, &applied)? {
+            pending.push(migration.version);
+        }
+    }
+    Ok(pending)
 }
 
 /// Applies every pending migration to `database` (created if absent).
@@ -178,24 +196,26 @@ pub async fn migrate(server: &Client, database: &str) -> Result<MigrationReport,
     migrate_through(server, database, MIGRATIONS).await
 }
 
-/// [`migrate`] with the given migrations only (a prefix of [`MIGRATIONS`]):
-/// tests use it to stand a database at an older version.
+/// [`migrate`] with a prefix of [`MIGRATIONS`] only: tests use it to stand
+/// a database at an older version.
+#[doc(hidden)]
 pub async fn migrate_through(
     server: &Client,
     database: &str,
     migrations: &[Migration],
 ) -> Result<MigrationReport, MigrationError> {
+    assert!(
+        migrations.len() <= MIGRATIONS.len()
+            && migrations
+                .iter()
+                .zip(MIGRATIONS)
+                .all(|(a, b)| a.version == b.version),
+        "migrate_through takes a prefix of MIGRATIONS"
+    );
     let (db, applied) = open(server, database).await?;
     let mut report = MigrationReport::default();
     for migration in migrations {
-        let checksum = migration.checksum();
-        if let Some(row) = applied.iter().find(|r| r.version == migration.version) {
-            if row.checksum != checksum {
-                return Err(MigrationError::Edited {
-                    version: row.version,
-                    name: row.name.clone(),
-                });
-            }
+        if is_applied(migration, &applied)? {
             report.already_applied.push(migration.version);
             continue;
         }
@@ -218,7 +238,7 @@ pub async fn migrate_through(
         db.query("INSERT INTO schema_migrations (version, name, checksum) VALUES (?, ?, ?)")
             .bind(migration.version)
             .bind(migration.name)
-            .bind(&checksum)
+            .bind(migration.checksum())
             .execute()
             .await?;
         report.applied.push(migration.version);
@@ -304,20 +324,18 @@ mod tests {
             let statements = m.statements();
             assert!(!statements.is_empty(), "{} has no statement", m.name);
             for s in statements {
-                // DDL says IF [NOT] EXISTS; seed and backfill INSERTs go to
+                // DDL says IF NOT EXISTS; seed and backfill INSERTs go to
                 // ReplacingMergeTree tables, where inserting the same keys
-                // again (with the same values) changes nothing. A table
-                // rebuild starts by dropping what a run that died left.
-                let idempotent = [
+                // again (with the same values) changes nothing; a table
+                // rebuild only touches its scratch table until the swap.
+                let idempotent_insert = [
                     "INSERT INTO model_prices",
                     "INSERT INTO usage_install_daily",
-                    "DROP TABLE IF EXISTS",
                 ]
                 .iter()
-                .any(|start| s.starts_with(start))
-                    || is_table_rebuild(m);
+                .any(|table| s.starts_with(table));
                 assert!(
-                    s.contains("IF NOT EXISTS") || idempotent,
+                    s.contains("IF NOT EXISTS") || idempotent_insert || rebuild_step(m, &s),
                     "{}: statement is not idempotent: {s}",
                     m.name
                 );
@@ -325,13 +343,25 @@ mod tests {
         }
     }
 
-    /// A migration that copies a table into a new one and swaps them: its
-    /// first statement drops the new table, whatever a run that died left.
-    fn is_table_rebuild(m: &Migration) -> bool {
-        m.statements()
-            .first()
-            .is_some_and(|s| s.starts_with("DROP TABLE IF EXISTS") && s.contains("_rebuild"))
-            && m.sql.contains("EXCHANGE TABLES")
+    /// A step of a table rebuild: a migration whose first statement drops
+    /// `<table>_rebuild` (whatever a run that died left there) may create
+    /// and fill that scratch table, check, swap it with `<table>`, and drop
+    /// it again. Run again from the start, that is always the same copy.
+    fn rebuild_step(m: &Migration, s: &str) -> bool {
+        let statements = m.statements();
+        let Some(table) = statements.first().and_then(|first| {
+            first
+                .strip_prefix("DROP TABLE IF EXISTS ")?
+                .strip_suffix("_rebuild SYNC")
+        }) else {
+            return false;
+        };
+        let scratch = format!("{table}_rebuild");
+        s == format!("DROP TABLE IF EXISTS {scratch} SYNC")
+            || s.starts_with(&format!("CREATE TABLE {scratch}\n"))
+            || s.starts_with(&format!("INSERT INTO {scratch}\n"))
+            || s.starts_with("SELECT throwIf(")
+            || s == format!("EXCHANGE TABLES {table} AND {scratch}")
     }
 
     #[test]

@@ -178,6 +178,14 @@ async fn daily_rows(client: &clickhouse::Client) -> Vec<String> {
         .unwrap()
 }
 
+/// `days_ago` before the day this test binary started (so that a test
+/// crossing midnight still means the same days).
+fn day(days_ago: u64) -> String {
+    static TODAY: std::sync::OnceLock<chrono::NaiveDate> = std::sync::OnceLock::new();
+    let today = *TODAY.get_or_init(|| chrono::Utc::now().date_naive());
+    (today - chrono::Days::new(days_ago)).to_string()
+}
+
 /// A database at migration 9, its usage_daily holding a day rewritten by a
 /// second recompute (two versions of one key) beside other rows.
 async fn daily_rollups_at_version_9() -> (usage_service_kit::clickhouse::ClickHouseArgs, Vec<String>)
@@ -189,7 +197,7 @@ async fn daily_rollups_at_version_9() -> (usage_service_kit::clickhouse::ClickHo
         .unwrap();
     assert_eq!(report.applied, (1..=9).collect::<Vec<u32>>());
     let client = ch.client();
-    for (install, day, requests, version) in [
+    for (install, days_ago, requests, version) in [
         ("inst_a", 1, 3, 10),
         ("inst_a", 1, 4, 11),
         ("inst_a", 2, 1, 10),
@@ -197,11 +205,11 @@ async fn daily_rollups_at_version_9() -> (usage_service_kit::clickhouse::ClickHo
     ] {
         client
             .query(
-                "INSERT INTO usage_daily VALUES (?, today() - ?, 'u1', 'inline', 'gpt-4o-mini', 'acc',
+                "INSERT INTO usage_daily VALUES (?, toDate(?), 'u1', 'inline', 'gpt-4o-mini', 'acc',
                  ?, 10, 2, 12, 0.000123456789, ?)",
             )
             .bind(install)
-            .bind(day)
+            .bind(day(days_ago))
             .bind(requests)
             .bind(version)
             .execute()
@@ -229,6 +237,19 @@ async fn granularity(client: &clickhouse::Client, table: &str) -> Option<String>
         .unwrap()
 }
 
+/// usage_daily has 1,024-row granules, and the old table is gone.
+async fn assert_rebuilt(client: &clickhouse::Client) {
+    assert_eq!(
+        granularity(client, "usage_daily").await.as_deref(),
+        Some("1024")
+    );
+    assert_eq!(
+        granularity(client, "usage_daily_rebuild").await,
+        None,
+        "old table dropped"
+    );
+}
+
 #[tokio::test]
 async fn usage_daily_is_rebuilt_with_small_granules_and_keeps_every_row() {
     let (ch, before) = daily_rollups_at_version_9().await;
@@ -240,19 +261,11 @@ async fn usage_daily_is_rebuilt_with_small_granules_and_keeps_every_row() {
 
     let report = migrate(&ch.server_client(), &ch.database).await.unwrap();
     assert_eq!(report.applied, [10]);
-    assert_eq!(
-        granularity(&client, "usage_daily").await.as_deref(),
-        Some("1024")
-    );
-    assert_eq!(
-        granularity(&client, "usage_daily_rebuild").await,
-        None,
-        "old table dropped"
-    );
+    assert_rebuilt(&client).await;
     assert_eq!(
         daily_rows(&client).await,
         before,
-        "every row, every version"
+        "every row, as read with FINAL"
     );
     let daily = show_create(&client, "usage_daily").await;
     assert!(daily.contains("TTL date + toIntervalYear(2)"), "{daily}");
@@ -268,11 +281,7 @@ async fn the_rebuild_repeats_safely_after_dying_before_or_after_the_swap() {
         let client = client.clone();
         async move { client.query(&sql).execute().await.unwrap() }
     };
-    let statements = MIGRATIONS[9].statements();
-    let create = statements
-        .iter()
-        .find(|s| s.starts_with("CREATE TABLE usage_daily_rebuild"))
-        .unwrap();
+    let create = create_scratch_table();
 
     // Died during the copy: a half-filled new table, plus a row nobody wrote.
     exec(create.clone()).await;
@@ -289,10 +298,7 @@ async fn the_rebuild_repeats_safely_after_dying_before_or_after_the_swap() {
         before,
         "copied again from the start"
     );
-    assert_eq!(
-        granularity(&client, "usage_daily").await.as_deref(),
-        Some("1024")
-    );
+    assert_rebuilt(&client).await;
 
     // Died after the swap, before the old table was dropped (and before the
     // migration was recorded): the old table is still there, with 8,192-row
@@ -307,15 +313,7 @@ async fn the_rebuild_repeats_safely_after_dying_before_or_after_the_swap() {
     let report = migrate(&ch.server_client(), &ch.database).await.unwrap();
     assert_eq!(report.applied, [10]);
     assert_eq!(daily_rows(&client).await, before, "not swapped back");
-    assert_eq!(
-        granularity(&client, "usage_daily").await.as_deref(),
-        Some("1024")
-    );
-    assert_eq!(
-        granularity(&client, "usage_daily_rebuild").await,
-        None,
-        "old table dropped"
-    );
+    assert_rebuilt(&client).await;
     drop_database(&ch).await;
 }
 
@@ -325,20 +323,14 @@ async fn the_rebuild_repeats_safely_after_dying_before_or_after_the_swap() {
 async fn the_rebuild_refuses_to_swap_when_usage_daily_was_written_during_the_copy() {
     let (ch, _) = daily_rollups_at_version_9().await;
     let client = ch.client();
-    let statements = MIGRATIONS[9].statements();
-    let check = statements
-        .iter()
-        .position(|s| s.contains("throwIf"))
-        .unwrap();
-    for s in &statements[..check] {
-        client.query(s).execute().await.unwrap();
-    }
+    let (statements, check) = run_0010_until_the_version_check(&client).await;
     // A recompute lands in the old table after the copy.
     client
         .query(
-            "INSERT INTO usage_daily VALUES ('inst_a', today() - 1, 'u1', 'inline', 'gpt-4o-mini',
+            "INSERT INTO usage_daily VALUES ('inst_a', toDate(?), 'u1', 'inline', 'gpt-4o-mini',
              'acc', 5, 10, 2, 12, 0.000123456789, 13)",
         )
+        .bind(day(1))
         .execute()
         .await
         .unwrap();
@@ -357,9 +349,123 @@ async fn the_rebuild_refuses_to_swap_when_usage_daily_was_written_during_the_cop
     );
     migrate(&ch.server_client(), &ch.database).await.unwrap();
     assert_eq!(daily_rows(&client).await, with_late_row);
+    assert_rebuilt(&client).await;
+    drop_database(&ch).await;
+}
+
+/// Runs 0010's statements before the one that compares the newest versions
+/// of the two tables; answers them all and that one's index.
+async fn run_0010_until_the_version_check(client: &clickhouse::Client) -> (Vec<String>, usize) {
+    let statements = MIGRATIONS[9].statements();
+    let check = statements
+        .iter()
+        .position(|s| s.contains("max(version)"))
+        .unwrap();
+    for s in &statements[..check] {
+        client.query(s).execute().await.unwrap();
+    }
+    (statements, check)
+}
+
+/// 0010's statement creating the scratch table.
+fn create_scratch_table() -> String {
+    MIGRATIONS[9]
+        .statements()
+        .into_iter()
+        .find(|s| s.starts_with("CREATE TABLE usage_daily_rebuild"))
+        .unwrap()
+}
+
+/// The copy may drop rows the TTL expired meanwhile: those at the TTL's
+/// edge must not make the check refuse.
+#[tokio::test]
+async fn the_write_check_ignores_rows_at_the_ttl_edge() {
+    let (ch, _) = daily_rollups_at_version_9().await;
+    let client = ch.client();
+    client
+        .query(
+            "INSERT INTO usage_daily VALUES ('inst_old', today() - INTERVAL 2 YEAR + INTERVAL 1 DAY,
+             'u1', 'inline', 'gpt-4o-mini', 'acc', 1, 10, 2, 12, 0.000123456789, 99)",
+        )
+        .execute()
+        .await
+        .unwrap();
+    let (statements, check) = run_0010_until_the_version_check(&client).await;
+    // As if the TTL had dropped it from the copy.
+    client
+        .query(
+            "ALTER TABLE usage_daily_rebuild DELETE WHERE version = 99 SETTINGS mutations_sync = 1",
+        )
+        .execute()
+        .await
+        .unwrap();
+    client.query(&statements[check]).execute().await.unwrap();
+    drop_database(&ch).await;
+}
+
+/// A writer whose INSERT still runs (a processor killed mid-query leaves
+/// its query running on the server) stops the rebuild before the copy and
+/// before the swap; an INSERT into the scratch table does not.
+#[tokio::test]
+async fn the_rebuild_refuses_to_start_or_swap_while_an_insert_into_usage_daily_runs() {
+    let (ch, _) = daily_rollups_at_version_9().await;
+    let client = ch.client();
+    let statements = MIGRATIONS[9].statements();
+    let running_checks: Vec<&String> = statements
+        .iter()
+        .filter(|s| s.contains("system.processes"))
+        .collect();
     assert_eq!(
-        granularity(&client, "usage_daily").await.as_deref(),
-        Some("1024")
+        running_checks.len(),
+        2,
+        "before the copy and before the swap"
     );
+    client
+        .query(&create_scratch_table())
+        .execute()
+        .await
+        .unwrap();
+    for (table, refused) in [("usage_daily_rebuild", false), ("usage_daily", true)] {
+        // About 10 s of INSERT, one row every 0.4 s.
+        let slow = client.query(&format!(
+            "INSERT INTO {table} SELECT 'inst_slow', today(), 'u', 'inline', 'm', 'acc', 1, 1, 1, 1, 0,
+             sleepEachRow(0.4) + 1 FROM numbers(25) SETTINGS max_block_size = 1"
+        ));
+        let insert = tokio::spawn(async move { slow.execute().await });
+        usage_e2e::eventually(
+            "the slow insert shows in system.processes",
+            std::time::Duration::from_secs(10),
+            || {
+                let client = client.clone();
+                async move {
+                let n: u64 = client
+                    .query("SELECT count() FROM system.processes WHERE current_database = currentDatabase() AND query LIKE '%inst_slow%' AND query NOT LIKE '%system.processes%'")
+                    .fetch_one()
+                    .await
+                    .unwrap();
+                (n > 0).then_some(())
+                }
+            },
+        )
+        .await;
+        for check in &running_checks {
+            let result = client.query(check).execute().await;
+            match (refused, result) {
+                (true, Err(err)) => assert!(
+                    err.to_string()
+                        .contains("an INSERT into usage_daily is running"),
+                    "{err}"
+                ),
+                (false, Ok(())) => {}
+                (refused, result) => panic!("{table}: refused {refused}, got {result:?}"),
+            }
+        }
+        client
+            .query("KILL QUERY WHERE current_database = currentDatabase() AND query LIKE '%inst_slow%' AND query NOT LIKE '%KILL%' SYNC")
+            .execute()
+            .await
+            .unwrap();
+        let _ = insert.await;
+    }
     drop_database(&ch).await;
 }
