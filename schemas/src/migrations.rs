@@ -7,9 +7,10 @@
 //! its text. It is idempotent: statements use IF NOT EXISTS, and a table
 //! rebuild (copy into `<table>_rebuild`, swap) starts by dropping whatever
 //! a run that died left, so a crash between applying and recording is
-//! repaired by the next run. A recorded
-//! migration whose text has changed since is refused: migrations are
-//! append-only, a change is a new file.
+//! repaired by the next run. A recorded migration whose text has changed
+//! since is refused: migrations are append-only, a change is a new file.
+//! (So a rebuild spells out its table's DDL again rather than pointing at
+//! an earlier file: each migration is the schema as it was applied.)
 
 use clickhouse::Client;
 use serde::Deserialize;
