@@ -67,6 +67,14 @@ pub struct Config {
     /// its offsets are committed (proves redelivery counts nothing twice).
     #[arg(long, env = "USAGE_PROCESSORS_CRASH_AFTER_FLUSH", hide = true)]
     pub crash_after_flush: Option<u64>,
+    /// TEST ONLY: wait this many ms after each batch is written and
+    /// governed, before looking again for erasures recorded meanwhile.
+    #[arg(
+        long,
+        env = "USAGE_PROCESSORS_PAUSE_BEFORE_ERASURE_CHECK_MS",
+        hide = true
+    )]
+    pub pause_before_erasure_check_ms: Option<u64>,
     /// TEST ONLY: abort right after the N-th write of governance decisions
     /// to ClickHouse (batches, plan changes and retries all count), before
     /// they (and the states) go to Kafka.

@@ -88,11 +88,18 @@ pub struct BatchLimits {
     pub max_wait: Duration,
 }
 
-/// Test-only fault injection: abort the process right after the N-th flush
-/// reached ClickHouse and before its offsets are committed, to prove the
-/// redelivered batch counts nothing twice. Never set in production.
+/// Test-only fault injection, never set in production.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CrashAfterFlush(pub Option<u64>);
+pub struct FaultInjection {
+    /// Abort the process right after the N-th flush reached ClickHouse and
+    /// before its offsets are committed, to prove the redelivered batch
+    /// counts nothing twice.
+    pub crash_after_flush: Option<u64>,
+    /// Wait this long after each batch is written and governed, before the
+    /// erasure's second look: a test records an erasure in that window, the
+    /// race `settle_erasures` closes.
+    pub pause_before_erasure_check: Option<Duration>,
+}
 
 pub struct EventsConsumer {
     pub consumer: EventsStream,
@@ -101,7 +108,7 @@ pub struct EventsConsumer {
     pub prices: Arc<RwLock<PriceTable>>,
     pub limits: BatchLimits,
     pub metrics: ProcessorMetrics,
-    pub crash_after_flush: CrashAfterFlush,
+    pub faults: FaultInjection,
     pub governance: Engine,
     /// Installations whose plan changed (from the registry follower).
     pub plan_changes: tokio::sync::mpsc::UnboundedReceiver<String>,
@@ -141,7 +148,7 @@ impl EventsConsumer {
                     return;
                 };
                 flushes += 1;
-                if self.crash_after_flush.0 == Some(flushes) {
+                if self.faults.crash_after_flush == Some(flushes) {
                     tracing::error!(
                         "crash-after-flush fault injection: aborting before the offset commit"
                     );
@@ -149,6 +156,9 @@ impl EventsConsumer {
                 }
                 if !self.govern(&batch.events, &report, &mut shutdown).await {
                     return;
+                }
+                if let Some(pause) = self.faults.pause_before_erasure_check {
+                    tokio::time::sleep(pause).await;
                 }
                 if !self
                     .settle_erasures(&batch.events, &report, &mut shutdown)

@@ -24,7 +24,7 @@ use usage_service_kit::Metrics;
 pub use config::Config;
 pub use error::ProcessorError;
 
-use crate::consumer::{BatchLimits, CrashAfterFlush, EventsConsumer};
+use crate::consumer::{BatchLimits, EventsConsumer, FaultInjection};
 use crate::pricing::PriceTable;
 
 pub const SERVICE: &str = "processors";
@@ -183,7 +183,12 @@ impl Service for Processors {
                 max_wait: Duration::from_millis(config.batch_wait_ms),
             },
             metrics: processor_metrics,
-            crash_after_flush: CrashAfterFlush(config.crash_after_flush),
+            faults: FaultInjection {
+                crash_after_flush: config.crash_after_flush,
+                pause_before_erasure_check: config
+                    .pause_before_erasure_check_ms
+                    .map(Duration::from_millis),
+            },
             governance: engine,
             plan_changes,
         };

@@ -59,8 +59,18 @@ pub async fn drop_topics(args: &KafkaArgs) {
 }
 
 /// The payloads of every message of `topic`, partition after partition,
-/// from the start up to its end now.
+/// from the start up to its end now (a tombstone reads as empty).
 pub async fn read_topic(args: &KafkaArgs, topic: &str) -> Vec<Vec<u8>> {
+    read_topic_records(args, topic)
+        .await
+        .into_iter()
+        .map(|(_, payload)| payload.unwrap_or_default())
+        .collect()
+}
+
+/// The key and payload (`None` for a tombstone) of every message of
+/// `topic`, partition after partition, from the start up to its end now.
+pub async fn read_topic_records(args: &KafkaArgs, topic: &str) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     let mut config = args.client_config();
@@ -90,7 +100,10 @@ pub async fn read_topic(args: &KafkaArgs, topic: &str) -> Vec<Vec<u8>> {
                     continue;
                 };
                 let message = message.unwrap();
-                out.push(message.payload().unwrap_or_default().to_vec());
+                out.push((
+                    message.key().unwrap_or_default().to_vec(),
+                    message.payload().map(<[u8]>::to_vec),
+                ));
                 if message.offset() + 1 >= high {
                     break;
                 }

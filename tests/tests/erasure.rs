@@ -220,6 +220,99 @@ async fn a_batch_written_during_an_erasure_deletes_its_own_rows() {
     usage_e2e::drop_database(&db).await;
 }
 
+/// The same race through the running processor: an erasure recorded after
+/// a batch looked for erasures and wrote its rows, whose own deletes ran
+/// before those writes (simulated by recording it without deleting, while
+/// the processor waits before its second look). The second look deletes the
+/// rows everywhere and tombstones the installation's governance state.
+#[tokio::test]
+async fn the_processor_settles_an_erasure_recorded_while_it_wrote_the_batch() {
+    let p = Pipeline::start(false).await;
+    let processor = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &unique("group"),
+        &["--pause-before-erasure-check-ms", "4000"],
+    );
+    let (a, b) = (Site::new(1), Site::new(2));
+    assert_eq!(p.register(&a, "pro").await.0, 201);
+    assert_eq!(p.register(&b, "pro").await.0, 201);
+    for site in [&a, &b] {
+        let events = (0..5u128)
+            .map(|i| {
+                let at = now_iso(600 - i as i64);
+                event(i, &site.user_hash(1), "bulk", "gpt-4o-mini", 100, 10, &at)
+            })
+            .collect();
+        assert_eq!(p.send(site, site.batch(events)).await.0, 200);
+    }
+    eventually(
+        "A's batch to be written",
+        Duration::from_secs(20),
+        || async { (p.raw_totals(&a).await.0 == 5).then_some(()) },
+    )
+    .await;
+    p.clickhouse
+        .client()
+        .query("INSERT INTO erased_installations VALUES (?, now64(3), 'test', '{}')")
+        .bind(&a.install_id)
+        .execute()
+        .await
+        .unwrap();
+
+    eventually(
+        "the second look to delete A's rows",
+        Duration::from_secs(20),
+        || async {
+            rows(&p, &a)
+                .await
+                .iter()
+                .all(|(_, n)| *n == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "B's batch to be written and rolled up",
+        Duration::from_secs(20),
+        || async { (p.rollup_requests(&b).await == [5, 5, 5]).then_some(()) },
+    )
+    .await;
+    assert_eq!(p.raw_totals(&b).await, (5, 550), "B keeps its events");
+
+    // Governance: A's last state is a tombstone, after the state its batch
+    // published; B's is a state.
+    let records = eventually(
+        "A's governance tombstone",
+        Duration::from_secs(20),
+        || async {
+            let records = usage_e2e::read_topic_records(&p.kafka, &p.kafka.governance_topic).await;
+            let last = records
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == a.install_id.as_bytes());
+            matches!(last, Some((_, None))).then_some(records)
+        },
+    )
+    .await;
+    let of = |site: &Site| -> Vec<bool> {
+        records
+            .iter()
+            .filter(|(k, _)| *k == site.install_id.as_bytes())
+            .map(|(_, payload)| payload.is_some())
+            .collect()
+    };
+    assert_eq!(
+        of(&a).first(),
+        Some(&true),
+        "A's batch published a state first"
+    );
+    assert_eq!(of(&b).last(), Some(&true), "B keeps its state");
+    processor.kill().await;
+    p.stop().await;
+}
+
 /// A processor that wrote a batch and died before its second look, while an
 /// installation of the batch was being erased: the redelivered batch finds
 /// those events erased but stored, and deletes them.
