@@ -186,6 +186,28 @@ fn day(days_ago: u64) -> String {
     (today - chrono::Days::new(days_ago)).to_string()
 }
 
+/// One daily row of `install` (user u1, inline, gpt-4o-mini), `days_ago`.
+async fn insert_daily(
+    client: &clickhouse::Client,
+    install: &str,
+    days_ago: u64,
+    requests: u64,
+    version: u64,
+) {
+    client
+        .query(
+            "INSERT INTO usage_daily VALUES (?, toDate(?), 'u1', 'inline', 'gpt-4o-mini', 'acc',
+             ?, 10, 2, 12, 0.000123456789, ?)",
+        )
+        .bind(install)
+        .bind(day(days_ago))
+        .bind(requests)
+        .bind(version)
+        .execute()
+        .await
+        .unwrap();
+}
+
 /// A database at migration 9, its usage_daily holding a day rewritten by a
 /// second recompute (two versions of one key) beside other rows.
 async fn daily_rollups_at_version_9() -> (usage_service_kit::clickhouse::ClickHouseArgs, Vec<String>)
@@ -203,18 +225,7 @@ async fn daily_rollups_at_version_9() -> (usage_service_kit::clickhouse::ClickHo
         ("inst_a", 2, 1, 10),
         ("inst_b", 1, 7, 12),
     ] {
-        client
-            .query(
-                "INSERT INTO usage_daily VALUES (?, toDate(?), 'u1', 'inline', 'gpt-4o-mini', 'acc',
-                 ?, 10, 2, 12, 0.000123456789, ?)",
-            )
-            .bind(install)
-            .bind(day(days_ago))
-            .bind(requests)
-            .bind(version)
-            .execute()
-            .await
-            .unwrap();
+        insert_daily(&client, install, days_ago, requests, version).await;
     }
     let rows = daily_rows(&client).await;
     assert_eq!(rows.len(), 3);
@@ -325,15 +336,7 @@ async fn the_rebuild_refuses_to_swap_when_usage_daily_was_written_during_the_cop
     let client = ch.client();
     let (statements, check) = run_0010_until_the_version_check(&client).await;
     // A recompute lands in the old table after the copy.
-    client
-        .query(
-            "INSERT INTO usage_daily VALUES ('inst_a', toDate(?), 'u1', 'inline', 'gpt-4o-mini',
-             'acc', 5, 10, 2, 12, 0.000123456789, 13)",
-        )
-        .bind(day(1))
-        .execute()
-        .await
-        .unwrap();
+    insert_daily(&client, "inst_a", 1, 5, 13).await;
     let err = client
         .query(&statements[check])
         .execute()
