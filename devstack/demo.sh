@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Shows the running stack working end to end, the way a plugin uses it:
-# registers a demo installation, sends a signed batch (the legacy
-# X-Install-Signature every deployed plugin sends), and reads the summary.
+# the provider onboards a demo installation on the pro plan, the plugin
+# sends a signed batch (the legacy X-Install-Signature every deployed plugin
+# sends), the summary is read, and the provider's generation API asks for
+# admission before generating more.
 # Idempotent: the installation and its event ids are fixed, so running it
 # again shows the same numbers (duplicates are counted once).
 set -euo pipefail
@@ -26,9 +28,9 @@ EXP=$(($(date +%s) + 3600))
 ACCOUNT_TOKEN=$(jwt "{\"sub\":\"demo\",\"role\":\"account\",\"account_id\":\"$ACCOUNT_ID\",\"exp\":$EXP}")
 ADMIN_TOKEN=$(jwt "{\"sub\":\"ops\",\"role\":\"provider_admin\",\"exp\":$EXP}")
 
-echo "    1. register installation $INSTALL_ID:"
+echo "    1. the provider registers installation $INSTALL_ID on the pro plan:"
 curl -sS -X POST "$INGEST/api/usage/installations" \
-  -H "Authorization: Bearer $ACCOUNT_TOKEN" -H 'Content-Type: application/json' \
+  -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' \
   -d "{\"install_id\":\"$INSTALL_ID\",\"account_id\":\"$ACCOUNT_ID\",\"secret\":\"$SECRET\",\"plan\":\"pro\",\"site_hash\":\"a3b4c5d6e7f8\",\"plugin_version\":\"2.4.1\",\"wordpress_version\":\"6.8.3\",\"php_version\":\"8.2.12\",\"is_multisite\":false}" \
   | sed 's/^/       /'
 echo
@@ -54,4 +56,13 @@ for _ in $(seq 1 50); do
   sleep 0.2
 done
 echo "$OUT" | sed 's/^/       /'
+echo
+
+echo "    4. admission before the next generation (the site's token and signature):"
+ADMIT="{\"install_id\":\"$INSTALL_ID\",\"generations\":1,\"tokens\":200}"
+TS=$(date +%s)
+SIG=$(printf '%s' "$TS.$ADMIT" | openssl dgst -sha256 -hmac "$SECRET" | awk '{print $NF}')
+curl -sS -X POST "$INGEST/api/usage/admit" \
+  -H "Authorization: Bearer $ACCOUNT_TOKEN" -H "X-Usage-Signature: t=$TS,v1=$SIG" \
+  -H 'Content-Type: application/json' --data-binary "$ADMIT" | sed 's/^/       /'
 echo

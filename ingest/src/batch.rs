@@ -47,6 +47,8 @@ impl Default for Limits {
 #[derive(Debug, Deserialize)]
 pub struct BatchIn<'a> {
     pub install_id: String,
+    /// A string, or the account's number as the deployed plugin sends it.
+    #[serde(deserialize_with = "crate::registry::commands::account_id")]
     pub account_id: String,
     #[serde(borrow)]
     pub events: Vec<&'a RawValue>,

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use clap::Parser;
 use usage_service_kit::auth::JwtArgs;
 use usage_service_kit::kafka::KafkaArgs;
+use usage_service_kit::policy::GovernanceArgs;
 use usage_service_kit::telemetry::LogArgs;
 
 /// The usage-event gateway (ingest).
@@ -50,6 +51,41 @@ pub struct Config {
         hide_default_value = true
     )]
     pub registry_key: String,
+    /// Whether an unknown installation enrolls on its first signed sync
+    /// that brings its secret (`X-Install-Secret`), as the deployed plugin's
+    /// original backend did: `first_sync` or `off` (explicit registration only).
+    #[arg(long, env = "USAGE_ENROLLMENT", default_value = "first_sync", value_parser = ["first_sync", "off"])]
+    pub enrollment: String,
+    /// Most installations one account may register (every gateway and
+    /// processor holds the registry in memory); the provider can set
+    /// another limit per account (`PUT /api/usage/accounts/{account_id}`).
+    #[arg(
+        long,
+        env = "USAGE_MAX_INSTALLATIONS_PER_ACCOUNT",
+        default_value_t = 5_000
+    )]
+    pub max_installations_per_account: usize,
+    /// The plan of an account the provider never set one for.
+    #[arg(long, env = "USAGE_DEFAULT_PLAN", default_value = "free")]
+    pub default_plan: String,
+    /// Requests per second one installation may sustain before 429
+    /// `too_many_requests`. An honest plugin sends one request per inline
+    /// generation (seconds apart) and a queued batch every 5 minutes.
+    #[arg(long, env = "USAGE_INGEST_FLOOD_RPS", default_value_t = 50.0)]
+    pub flood_rps: f64,
+    /// Requests one installation may send at once above that rate.
+    #[arg(long, env = "USAGE_INGEST_FLOOD_BURST", default_value_t = 500)]
+    pub flood_burst: u32,
+    /// Generations an admission may let an installation go past its cap
+    /// (0: never, on one gateway).
+    #[arg(long, env = "USAGE_ADMIT_SLACK", default_value_t = 0)]
+    pub admit_slack: u64,
+    /// How long an admitted generation counts as pending before its usage
+    /// event arrives, in seconds; after that it no longer holds the cap.
+    #[arg(long, env = "USAGE_ADMIT_HOLD_SECS", default_value_t = 120)]
+    pub admit_hold_secs: u64,
+    #[command(flatten)]
+    pub governance: GovernanceArgs,
     #[command(flatten)]
     pub jwt: JwtArgs,
     #[command(flatten)]
@@ -68,6 +104,17 @@ impl std::fmt::Debug for Config {
             .field("signature_window_secs", &self.signature_window_secs)
             .field("max_age_days", &self.max_age_days)
             .field("kafka_timeout_ms", &self.kafka_timeout_ms)
+            .field("enrollment", &self.enrollment)
+            .field(
+                "max_installations_per_account",
+                &self.max_installations_per_account,
+            )
+            .field("default_plan", &self.default_plan)
+            .field("flood_rps", &self.flood_rps)
+            .field("flood_burst", &self.flood_burst)
+            .field("admit_slack", &self.admit_slack)
+            .field("admit_hold_secs", &self.admit_hold_secs)
+            .field("governance", &self.governance)
             .field("registry_key", &"***")
             .field("jwt", &self.jwt)
             .field("kafka", &self.kafka)
@@ -85,6 +132,39 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.kafka.events_topic, "usage.events.v1");
+        assert_eq!(c.kafka.accounts_topic, "usage.accounts.v1");
+        assert_eq!(c.enrollment, "first_sync");
+        assert_eq!(c.max_installations_per_account, 5_000);
+        assert_eq!(c.default_plan, "free");
+        assert_eq!(c.governance.late_grace_hours, 48);
+        assert_eq!(c.jwt.account_claim, "account_id");
+    }
+
+    #[test]
+    fn governance_and_trust_settings_parse_and_refuse_nonsense() {
+        let c = Config::try_parse_from([
+            "usage-ingest",
+            "--enrollment",
+            "off",
+            "--max-installations-per-account",
+            "20",
+            "--billing-late-grace-hours",
+            "72",
+            "--jwt-account-claim",
+            "id",
+            "--jwt-issuer",
+            "https://accounts.example",
+        ])
+        .unwrap();
+        assert_eq!(c.enrollment, "off");
+        assert_eq!(c.max_installations_per_account, 20);
+        assert_eq!(c.governance.late_grace_ms(), 72 * 3_600_000);
+        assert_eq!(c.jwt.account_claim, "id");
+        assert_eq!(c.jwt.issuer.as_deref(), Some("https://accounts.example"));
+        assert!(Config::try_parse_from(["usage-ingest", "--enrollment", "always"]).is_err());
+        assert!(
+            Config::try_parse_from(["usage-ingest", "--billing-late-grace-hours", "-1"]).is_err()
+        );
     }
 
     #[test]

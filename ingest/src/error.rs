@@ -4,7 +4,9 @@
 //!
 //! Final errors (the plugin must not retry the same request: 400, 401, 403,
 //! 413, 422) are kept apart from retryable ones (503 with `Retry-After`: the
-//! plugin keeps the events and sends them again; nothing was acknowledged).
+//! plugin keeps the events and sends them again; nothing was acknowledged;
+//! and 429 `too_many_requests`, a request flood, likewise). No batch is ever
+//! refused for a governance limit: those are enforced at admission.
 
 use std::net::SocketAddr;
 
@@ -58,17 +60,10 @@ pub enum IngestError {
     Unavailable(#[from] SinkError),
     #[error("installation registry is still loading")]
     RegistryLoading,
-    #[error("rate limit reached ({reason} in 5 minutes); retry in {retry_after_secs} s")]
-    RateLimited {
-        retry_after_secs: u64,
-        reason: String,
-    },
-    #[error("monthly plan limit reached ({used} of {cap} generations); upgrade the plan or wait for the next month")]
-    PlanLimitReached {
-        retry_after_secs: u64,
-        used: i64,
-        cap: i64,
-    },
+    #[error("too many requests for this installation; nothing of this one was recorded: retry in {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
+    #[error("rotating a secret needs proof of the current one: sign the request with it (X-Usage-Signature over the body)")]
+    RotationProofRequired,
 }
 
 /// Seconds a client should wait before retrying a 503.
@@ -92,9 +87,11 @@ impl IngestError {
             Command(CommandError::SecretMismatch(_)) => StatusCode::CONFLICT,
             Command(CommandError::Unknown(_)) | NotFound => StatusCode::NOT_FOUND,
             Command(CommandError::Seal) => StatusCode::INTERNAL_SERVER_ERROR,
+            Command(CommandError::PlanForbidden(_) | CommandError::LimitReached { .. })
+            | RotationProofRequired => StatusCode::FORBIDDEN,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Unavailable(_) | RegistryLoading => StatusCode::SERVICE_UNAVAILABLE,
-            RateLimited { .. } | PlanLimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,
+            TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -121,31 +118,32 @@ impl IngestError {
             Command(CommandError::OtherAccount(_)) => "account_mismatch",
             Command(CommandError::SecretMismatch(_)) => "secret_mismatch",
             Command(CommandError::Unknown(_)) => "unknown_installation",
+            Command(CommandError::PlanForbidden(_)) => "plan_change_forbidden",
+            Command(CommandError::LimitReached { .. }) => "installation_limit_reached",
+            RotationProofRequired => "rotation_proof_required",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
             Unavailable(_) | RegistryLoading => "storage_unavailable",
-            RateLimited { .. } => "rate_limited",
-            PlanLimitReached { .. } => "plan_limit_reached",
+            TooManyRequests { .. } => "too_many_requests",
         }
     }
 
     /// `Retry-After` seconds, for the answers that have one.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            IngestError::RateLimited {
-                retry_after_secs, ..
-            }
-            | IngestError::PlanLimitReached {
-                retry_after_secs, ..
-            } => Some(*retry_after_secs),
+            IngestError::TooManyRequests { retry_after_secs } => Some(*retry_after_secs),
             e if e.retryable() => Some(u64::from(RETRY_AFTER_SECS)),
             _ => None,
         }
     }
 
-    /// True when the same request may succeed later (the plugin keeps the events).
+    /// True when the same request may succeed later (the plugin keeps the
+    /// events): the service could not store now, or a flood was slowed.
     pub fn retryable(&self) -> bool {
-        self.status() == StatusCode::SERVICE_UNAVAILABLE
+        matches!(
+            self.status(),
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        )
     }
 
     fn message(&self) -> String {
@@ -229,11 +227,37 @@ mod tests {
                 503,
                 "storage_unavailable",
             ),
+            (
+                IngestError::TooManyRequests {
+                    retry_after_secs: 2,
+                },
+                429,
+                "too_many_requests",
+            ),
+            (
+                CommandError::PlanForbidden("x".into()).into(),
+                403,
+                "plan_change_forbidden",
+            ),
+            (
+                CommandError::LimitReached {
+                    account: "acc_1".into(),
+                    limit: 3,
+                }
+                .into(),
+                403,
+                "installation_limit_reached",
+            ),
+            (
+                IngestError::RotationProofRequired,
+                403,
+                "rotation_proof_required",
+            ),
         ];
         for (err, status, code) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");
             assert_eq!(err.code(), code);
-            assert_eq!(err.retryable(), status == 503);
+            assert_eq!(err.retryable(), status == 503 || status == 429);
         }
     }
 
@@ -245,5 +269,10 @@ mod tests {
         assert_eq!(response.headers()["retry-after"], "5");
         let response = IngestError::UnknownInstallation.into_response();
         assert!(response.headers().get("retry-after").is_none());
+        let response = IngestError::TooManyRequests {
+            retry_after_secs: 3,
+        }
+        .into_response();
+        assert_eq!(response.headers()["retry-after"], "3");
     }
 }

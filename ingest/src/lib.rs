@@ -6,12 +6,16 @@
 //!   per-event validation; `error`: the one error type and its HTTP mapping;
 //! - `registry`: the event-sourced installation registry (commands, secret
 //!   sealing), followed from its topic by `usage_service_kit::follower`;
-//! - `governance`: enforcement of the processors' decisions (429s) and the
-//!   governance report; `sink`: the Kafka writer.
+//! - `governance`: admission (`POST /api/usage/admit`), over-limit marks
+//!   and the governance report, from the processors' published state and
+//!   what this gateway accepted and admitted since (`governance::ledger`);
+//! - `flood`: the per-installation request limit (429 only for floods);
+//! - `sink`: the Kafka writer.
 
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod flood;
 pub mod governance;
 pub mod handlers;
 pub mod metrics;
@@ -80,9 +84,40 @@ impl Service for IngestService {
             config.kafka.clone(),
             config.kafka.governance_topic.clone(),
         ));
+        let accounts = Arc::new(registry::accounts::Accounts::default());
+        let accounts_follower = tokio::spawn(usage_service_kit::follower::follow(
+            accounts.clone(),
+            config.kafka.clone(),
+            config.kafka.accounts_topic.clone(),
+        ));
+        let policy = config
+            .governance
+            .policy()
+            .map_err(|e| IngestError::Startup(e.to_string()))?;
+        if !policy.knows(&config.default_plan) {
+            return Err(IngestError::Startup(format!(
+                "USAGE_DEFAULT_PLAN {:?} is not a plan of the governance policy ({})",
+                config.default_plan,
+                policy.plan_names()
+            )));
+        }
         let gateway = Arc::new(Gateway {
             registry: registry.clone(),
+            accounts: accounts.clone(),
             governance: governance.clone(),
+            ledger: governance::ledger::Ledger::new(
+                i64::try_from(config.admit_hold_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+                config.admit_slack,
+            ),
+            flood: flood::FloodGuard::new(config.flood_rps, config.flood_burst),
+            policy,
+            trust: handlers::Trust {
+                enroll_on_first_sync: config.enrollment == "first_sync",
+                max_installations_per_account: config.max_installations_per_account,
+                default_plan: config.default_plan.clone(),
+                late_grace_ms: config.governance.late_grace_ms(),
+            },
+            writes: Default::default(),
             sink,
             jwt: config.jwt.verifier().map_err(IngestError::Startup)?,
             limits: Limits {
@@ -95,8 +130,23 @@ impl Service for IngestService {
             instance: config.instance.clone(),
             events_topic: config.kafka.events_topic.clone(),
             installations_topic: config.kafka.installations_topic.clone(),
+            accounts_topic: config.kafka.accounts_topic.clone(),
             metrics: metrics::IngestMetrics::register(&metrics),
         });
+        // Memory follows the active installations: idle ledgers and
+        // refilled flood buckets are dropped every minute.
+        let sweeper = {
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    every.tick().await;
+                    let now = chrono::Utc::now().timestamp_millis();
+                    gateway.ledger.sweep(now, 600_000);
+                    gateway.flood.sweep(now);
+                }
+            })
+        };
         let registry_probe = {
             let registry = registry.clone();
             Probe::new("registry", move || {
@@ -111,12 +161,13 @@ impl Service for IngestService {
             })
         };
         let governance_probe = Probe::new("governance", move || {
-            let caught_up = usage_service_kit::follower::Table::is_caught_up(&*governance);
+            use usage_service_kit::follower::Table;
+            let caught_up = governance.is_caught_up() && accounts.is_caught_up();
             async move {
                 if caught_up {
                     Ok(())
                 } else {
-                    Err("still reading the governance topic".to_string())
+                    Err("still reading the governance and accounts topics".to_string())
                 }
             }
         });
@@ -137,7 +188,13 @@ impl Service for IngestService {
             http,
             registry,
             gateway,
-            background: vec![topics, follower, governance_follower],
+            background: vec![
+                topics,
+                follower,
+                governance_follower,
+                accounts_follower,
+                sweeper,
+            ],
         })
     }
 

@@ -6,6 +6,9 @@
 //! | `POST /api/usage/event`, `POST /usage/event` | [`Gateway::post_events`] |
 //! | `POST /api/usage/installations` | [`Gateway::register`] |
 //! | `POST /api/usage/installations/{install_id}/rotate-secret` | [`Gateway::rotate_secret`] |
+//! | `PUT /api/usage/installations/{install_id}/plan` | [`Gateway::set_plan`] |
+//! | `GET /api/usage/accounts/{account_id}`, `PUT /api/usage/accounts/{account_id}` | [`Gateway::get_account`], [`Gateway::put_account`] |
+//! | `POST /api/usage/admit` | [`Gateway::admit`] |
 //! | `GET /api/usage/governance?install_id=` | [`Gateway::governance_report`] |
 
 use std::convert::Infallible;
@@ -92,6 +95,51 @@ pub fn routes<S: RecordSink>(
             },
         );
 
+    let set_plan = warp::path!("api" / "usage" / "installations" / String / "plan")
+        .and(warp::put())
+        .and(gw.clone())
+        .and(warp::header::headers_cloned())
+        .and(body)
+        .then(
+            |id: String, gw: Arc<Gateway<S>>, headers: HeaderMap, body: Bytes| async move {
+                outcome(gw.set_plan(id, headers, body).await, "plan", &gw.metrics)
+            },
+        );
+    let account_path = warp::path!("api" / "usage" / "accounts" / String);
+    let put_account = account_path
+        .and(warp::put())
+        .and(gw.clone())
+        .and(warp::header::headers_cloned())
+        .and(body)
+        .then(
+            |id: String, gw: Arc<Gateway<S>>, headers: HeaderMap, body: Bytes| async move {
+                outcome(
+                    gw.put_account(id, headers, body).await,
+                    "account",
+                    &gw.metrics,
+                )
+            },
+        );
+    let get_account = account_path
+        .and(warp::get())
+        .and(gw.clone())
+        .and(warp::header::headers_cloned())
+        .then(
+            |id: String, gw: Arc<Gateway<S>>, headers: HeaderMap| async move {
+                outcome(gw.get_account(id, headers).await, "account", &gw.metrics)
+            },
+        );
+    let admit = warp::path!("api" / "usage" / "admit")
+        .and(warp::post())
+        .and(gw.clone())
+        .and(warp::header::headers_cloned())
+        .and(body)
+        .then(
+            |gw: Arc<Gateway<S>>, headers: HeaderMap, body: Bytes| async move {
+                outcome(gw.admit(headers, body).await, "admit", &gw.metrics)
+            },
+        );
+
     let governance = warp::path!("api" / "usage" / "governance")
         .and(warp::get())
         .and(gw)
@@ -113,6 +161,14 @@ pub fn routes<S: RecordSink>(
         .or(register)
         .unify()
         .or(rotate)
+        .unify()
+        .or(set_plan)
+        .unify()
+        .or(put_account)
+        .unify()
+        .or(get_account)
+        .unify()
+        .or(admit)
         .unify()
         .recover(move |r| rejection(r, max_body_bytes))
         .unify()
@@ -155,6 +211,17 @@ mod tests {
             registry: Arc::new(Registry::new(
                 Sealer::from_hex(crate::registry::seal::DEV_KEY_HEX).unwrap(),
             )),
+            accounts: Default::default(),
+            ledger: crate::governance::ledger::Ledger::new(120_000, 0),
+            flood: crate::flood::FloodGuard::new(20.0, 200),
+            policy: Default::default(),
+            trust: crate::handlers::Trust {
+                enroll_on_first_sync: true,
+                max_installations_per_account: 10,
+                default_plan: "free".into(),
+                late_grace_ms: 0,
+            },
+            writes: Default::default(),
             sink: NoSink,
             jwt: usage_service_kit::auth::JwtVerifier::new(b"k"),
             limits: Limits::default(),
@@ -162,6 +229,7 @@ mod tests {
             instance: "t".into(),
             events_topic: "e".into(),
             installations_topic: "i".into(),
+            accounts_topic: "a".into(),
             metrics: crate::metrics::IngestMetrics::register(&metrics),
         };
         routes(Arc::new(gateway), 1024)

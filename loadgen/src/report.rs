@@ -183,6 +183,8 @@ pub async fn bare_producer(brokers: &str, secs: f64) -> anyhow::Result<f64> {
                 received_at: 1_762_165_861_000,
                 signature_scheme: "install_sig_v1".into(),
                 gateway_instance: "bench".into(),
+                billing_month: None,
+                over_limit: None,
             };
             (e.install_id.clone(), e.to_wire().unwrap_or_default())
         })

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use usage_processors::governance::policy::Policy;
-use usage_processors::governance::state::Installation;
+use usage_processors::governance::state::{Counted, Installation};
 use usage_processors::governance::window::WindowConfig;
 
 fn rss_kib() -> u64 {
@@ -59,7 +59,18 @@ fn main() {
         g.count(&windows, t, 150 + r % 500);
         let u = used.entry(id).or_default();
         *u += 1;
-        let (_, d) = g.evaluate(id, plans[(r >> 8) as usize % 4], *u, t, &policy, &windows);
+        let (_, d) = g.evaluate(
+            Counted {
+                install_id: id,
+                plan: plans[(r >> 8) as usize % 4],
+                at: t,
+                received: t,
+                month: "2025-12",
+                month_used: *u,
+            },
+            &policy,
+            &windows,
+        );
         decisions += d.len();
     }
     let secs = started.elapsed().as_secs_f64();

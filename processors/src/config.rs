@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use clap::Parser;
 use usage_service_kit::clickhouse::ClickHouseArgs;
 use usage_service_kit::kafka::KafkaArgs;
+use usage_service_kit::policy::GovernanceArgs;
 use usage_service_kit::telemetry::LogArgs;
 
 /// The stream processors (events topic -> ClickHouse).
@@ -50,14 +51,18 @@ pub struct Config {
         default_value_t = 60
     )]
     pub price_refresh_secs: u64,
-    /// JSON file overriding the governance policy (limits per plan, thresholds);
-    /// without it, the contract's defaults apply.
-    #[arg(long, env = "USAGE_GOVERNANCE_CONFIG")]
-    pub governance_config: Option<std::path::PathBuf>,
-    /// How late (event time, ms) an event may arrive and still count in the
-    /// rate-limit and abuse windows.
-    #[arg(long, env = "USAGE_GOVERNANCE_GRACE_MS", default_value_t = 60_000)]
-    pub governance_grace_ms: i64,
+    #[command(flatten)]
+    pub governance: GovernanceArgs,
+    /// How far apart two gateways' received_at may be for events of one
+    /// installation that reach its partition in the other order, in ms: the
+    /// windows' watermark trails the latest governance time by the grace
+    /// plus this, so such an event still counts.
+    #[arg(
+        long,
+        env = "USAGE_GOVERNANCE_ARRIVAL_SKEW_MS",
+        default_value_t = 10_000
+    )]
+    pub governance_arrival_skew_ms: i64,
     /// An installation with no new event for this long (seconds, wall
     /// clock) leaves the governance state in memory; its next event
     /// rebuilds it from ClickHouse with the same counts.

@@ -71,12 +71,10 @@ struct Ownership {
 }
 
 impl Ownership {
-    fn owns(&self, install_id: &str) -> bool {
-        self.assigned
-            .contains(&usage_service_kit::kafka::partition_for_key(
-                install_id.as_bytes(),
-                self.partitions,
-            ))
+    /// The partition of `install_id`, if this instance owns it.
+    fn partition_owned(&self, install_id: &str) -> Option<i32> {
+        let p = usage_service_kit::kafka::partition_for_key(install_id.as_bytes(), self.partitions);
+        self.assigned.contains(&p).then_some(p)
     }
 }
 
@@ -174,7 +172,18 @@ impl EventsConsumer {
             if !plan_changes.is_empty() {
                 let ownership = self.ownership();
                 for install in &plan_changes {
-                    let owned = ownership.as_ref().is_some_and(|o| o.owns(install));
+                    let partition = ownership.as_ref().and_then(|o| o.partition_owned(install));
+                    // A plan change is acted on once every event the
+                    // gateways received before it is counted: live, at
+                    // once; in a replay, only when the replay has caught
+                    // up (before that, the events that arrive after the
+                    // change apply it at its own time, as they did live).
+                    if let Some(p) = partition.filter(|p| !self.caught_up(*p)) {
+                        tracing::debug!(%install, partition = p, "plan change waits for the partition to catch up");
+                        self.governance.retry_plan_change(install);
+                        continue;
+                    }
+                    let owned = partition.is_some();
                     if let Err(err) = self.governance.on_plan_change(install, owned).await {
                         tracing::warn!(%err, %install, "re-evaluation after a plan change failed; retrying in 1 s");
                         self.governance.retry_plan_change(install);
@@ -216,6 +225,35 @@ impl EventsConsumer {
                 .collect(),
             partitions: i32::try_from(partitions).unwrap_or(i32::MAX),
         })
+    }
+
+    /// Whether this instance has consumed everything `partition` holds: its
+    /// next offset (the position, or the committed offset when nothing was
+    /// consumed since the assignment) reached the high watermark.
+    fn caught_up(&self, partition: i32) -> bool {
+        let timeout = Duration::from_secs(2);
+        let Ok((_, high)) = self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, timeout)
+        else {
+            return false;
+        };
+        let next_of = |tpl: TopicPartitionList| match tpl
+            .find_partition(&self.topic, partition)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        };
+        let next = self.consumer.position().ok().and_then(next_of).or_else(|| {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, partition);
+            self.consumer
+                .committed_offsets(tpl, timeout)
+                .ok()
+                .and_then(next_of)
+        });
+        next.unwrap_or(0) >= high
     }
 
     /// Counts the batch's new events in governance and publishes, retrying

@@ -121,16 +121,10 @@ impl Service for Processors {
             Duration::from_secs(config.price_refresh_secs),
         ));
 
-        let policy = match &config.governance_config {
-            None => governance::policy::Policy::default(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    ProcessorError::Startup(format!("governance config {}: {e}", path.display()))
-                })?;
-                governance::policy::Policy::from_json(&path.display().to_string(), &text)
-                    .map_err(|e| ProcessorError::Startup(e.to_string()))?
-            }
-        };
+        let policy = config
+            .governance
+            .policy()
+            .map_err(|e| ProcessorError::Startup(e.to_string()))?;
         tracing::info!(?policy, "governance policy");
         let (plans, plan_changes) = governance::tables::Plans::new();
         let plans_task = tokio::spawn(usage_service_kit::follower::follow(
@@ -156,7 +150,8 @@ impl Service for Processors {
         let engine = governance::engine::Engine::new(governance::engine::EngineSetup {
             policy,
             windows: governance::window::WindowConfig {
-                grace_ms: config.governance_grace_ms,
+                grace_ms: config.governance.grace_ms,
+                skew_ms: config.governance_arrival_skew_ms,
                 ..Default::default()
             },
             idle_after: Duration::from_secs(config.governance_idle_secs),

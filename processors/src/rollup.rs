@@ -39,6 +39,7 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use clickhouse::Client;
 use usage_schemas::rows::UsageEventRow;
 use usage_schemas::UsageEvent;
+use usage_service_kit::periods;
 
 use crate::pricing::PriceTable;
 
@@ -124,7 +125,18 @@ pub fn to_row(e: &UsageEvent, prices: &PriceTable) -> UsageEventRow {
         received_at: millis(e.received_at),
         signature_scheme: e.signature_scheme.clone(),
         gateway_instance: e.gateway_instance.clone(),
+        over_limit: e.over_limit.clone().unwrap_or_default(),
+        billing_month: billing_month(e),
     }
+}
+
+/// The month an event counts toward for caps and billing: what the gateway
+/// stamped, or (v1 events) the month of its created_at.
+pub fn billing_month(e: &UsageEvent) -> NaiveDate {
+    e.billing_month
+        .as_deref()
+        .and_then(periods::parse_month_key)
+        .unwrap_or_else(|| periods::month_start(e.created_at))
 }
 
 /// Writes `events` (in topic order) and recomputes every rollup they touch.
@@ -287,37 +299,46 @@ fn key_list(keys: &[(String, NaiveDate)]) -> String {
 }
 
 /// Recomputes the daily rows of every (install_id, day) in `days` from the
-/// deduplicated raw events.
+/// deduplicated raw events. Events billed to a later month than their own
+/// (they arrived after it closed) get rows of their own (`late_billing_month`,
+/// migration 0011); the others have zero there.
 const RECOMPUTE_DAILY: &str = "INSERT INTO usage_daily
-        (install_id, date, user_hash, source, model, account_id,
-         requests, prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
-     SELECT install_id, toDate(created_at) AS day, user_hash, source, model, any(account_id),
-            count(), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
-            sum(cost_usd), toUnixTimestamp64Nano(now64(9))
+        (install_id, date, user_hash, source, model, late_billing_month, account_id,
+         requests, prompt_tokens, completion_tokens, total_tokens, cost_usd,
+         over_limit_requests, over_limit_tokens, version)
+     SELECT install_id, toDate(created_at) AS day, user_hash, source, model,
+            if(billing_month = toStartOfMonth(created_at), toDate(0), billing_month) AS late,
+            any(account_id), count(), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
+            sum(cost_usd), countIf(over_limit != ''), sumIf(total_tokens, over_limit != ''),
+            toUnixTimestamp64Nano(now64(9))
      FROM usage_events FINAL
      WHERE (install_id, toDate(created_at)) IN ({keys})
-     GROUP BY install_id, day, user_hash, source, model";
+     GROUP BY install_id, day, user_hash, source, model, late";
 
 /// Recomputes the one row of every (install_id, day) in `days` from its
 /// daily rows, just recomputed.
 const RECOMPUTE_INSTALL_DAILY: &str = "INSERT INTO usage_install_daily
-        (date, install_id, requests, prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
+        (date, install_id, requests, prompt_tokens, completion_tokens, total_tokens, cost_usd,
+         over_limit_requests, over_limit_tokens, version)
      SELECT date, install_id, sum(requests), sum(prompt_tokens), sum(completion_tokens),
-            sum(total_tokens), sum(cost_usd), toUnixTimestamp64Nano(now64(9))
+            sum(total_tokens), sum(cost_usd), sum(over_limit_requests), sum(over_limit_tokens),
+            toUnixTimestamp64Nano(now64(9))
      FROM usage_daily FINAL
      WHERE (install_id, date) IN ({keys})
      GROUP BY install_id, date";
 
 /// Recomputes the monthly rows of every (install_id, month) from the daily ones.
 const RECOMPUTE_MONTHLY: &str = "INSERT INTO usage_monthly
-        (install_id, month, user_hash, source, model, account_id,
-         requests, prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
-     SELECT install_id, toStartOfMonth(date) AS m, user_hash, source, model, any(account_id),
-            sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
-            sum(cost_usd), toUnixTimestamp64Nano(now64(9))
+        (install_id, month, user_hash, source, model, late_billing_month, account_id,
+         requests, prompt_tokens, completion_tokens, total_tokens, cost_usd,
+         over_limit_requests, over_limit_tokens, version)
+     SELECT install_id, toStartOfMonth(date) AS m, user_hash, source, model, late_billing_month,
+            any(account_id), sum(requests), sum(prompt_tokens), sum(completion_tokens),
+            sum(total_tokens), sum(cost_usd), sum(over_limit_requests), sum(over_limit_tokens),
+            toUnixTimestamp64Nano(now64(9))
      FROM usage_daily FINAL
      WHERE (install_id, toStartOfMonth(date)) IN ({keys})
-     GROUP BY install_id, m, user_hash, source, model";
+     GROUP BY install_id, m, user_hash, source, model, late_billing_month";
 
 async fn recompute(
     client: &Client,

@@ -9,10 +9,11 @@
 //!
 //! Every role but the provider admin also needs the installation to belong
 //! to the token's account (in the registry), so a token listing a foreign
-//! installation still sees nothing.
+//! installation still sees nothing. Reading needs the `usage:read`
+//! permission, erasing `data:erase` (which the tokens sites hold lack).
 
 use clickhouse::Client;
-use usage_service_kit::auth::{Claims, Role};
+use usage_service_kit::auth::{Claims, Permission, Role};
 
 use crate::error::QueryError;
 
@@ -34,13 +35,19 @@ async fn account_of(client: &Client, install_id: &str) -> Result<Option<String>,
     Ok(accounts.into_iter().next())
 }
 
-/// Erasure: a provider admin, or the account that owns the installation.
+/// Erasure: a token with `data:erase` of the provider, or of the account
+/// that owns the installation.
 pub async fn may_erase(
     client: &Client,
     claims: &Claims,
     install_id: &str,
 ) -> Result<(), QueryError> {
-    if claims.is_admin() {
+    if !claims.may(Permission::EraseData) {
+        return Err(QueryError::Forbidden(
+            "erase data: it lacks the data:erase permission".into(),
+        ));
+    }
+    if claims.role.is_provider() {
         return Ok(());
     }
     let owner = account_of(client, install_id).await?;
@@ -51,7 +58,7 @@ pub async fn may_erase(
         return Ok(());
     }
     Err(QueryError::Forbidden(format!(
-        "erasing installation {install_id}"
+        "erase installation {install_id}"
     )))
 }
 
@@ -60,7 +67,12 @@ pub async fn scope(
     claims: &Claims,
     install_id: Option<&str>,
 ) -> Result<Scope, QueryError> {
-    if claims.is_admin() {
+    if !claims.may(Permission::ReadUsage) {
+        return Err(QueryError::Forbidden(
+            "read usage: it lacks the usage:read permission".into(),
+        ));
+    }
+    if claims.role.is_provider() {
         return Ok(Scope {
             install_id: install_id.map(str::to_string),
             user_hash: None,
@@ -68,10 +80,10 @@ pub async fn scope(
     }
     let install_id =
         install_id.ok_or_else(|| QueryError::BadRequest("install_id is required".into()))?;
-    let denied = || QueryError::Forbidden(format!("installation {install_id}"));
+    let denied = || QueryError::Forbidden(format!("read installation {install_id}"));
     let listed = claims.install_ids.as_deref().unwrap_or_default();
     let allowed = match claims.role {
-        Role::ProviderAdmin | Role::Account => true,
+        Role::ProviderAdmin | Role::Service | Role::Account => true,
         Role::NetworkAdmin => listed.iter().any(|i| i == install_id),
         // One installation: a token listing several is not a site token.
         Role::SiteAdmin | Role::User => listed.len() == 1 && listed[0] == install_id,
@@ -80,16 +92,14 @@ pub async fn scope(
     {
         return Err(denied());
     }
-    let user_hash = if claims.role == Role::User {
-        Some(
-            claims
-                .user_hash
-                .clone()
-                .ok_or_else(|| QueryError::Forbidden("usage without a user_hash claim".into()))?,
-        )
-    } else {
-        None
-    };
+    let user_hash =
+        if claims.role == Role::User {
+            Some(claims.user_hash.clone().ok_or_else(|| {
+                QueryError::Forbidden("read usage without a user_hash claim".into())
+            })?)
+        } else {
+            None
+        };
     Ok(Scope {
         install_id: Some(install_id.to_string()),
         user_hash,

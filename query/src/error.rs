@@ -23,7 +23,7 @@ pub enum QueryError {
     BadRequest(String),
     #[error("{0}")]
     Jwt(#[from] JwtError),
-    #[error("this token may not read {0}")]
+    #[error("this token may not {0}")]
     Forbidden(String),
     #[error("not found")]
     NotFound,

@@ -110,6 +110,10 @@ struct EventRow {
     total_tokens: u32,
     created_ms: i64,
     processed_ms: Option<i64>,
+    #[serde(rename = "ol")]
+    over_limit: String,
+    #[serde(rename = "bm")]
+    billing_month: String,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -124,6 +128,11 @@ pub struct EventItem {
     pub total_tokens: u32,
     pub created_at: String,
     pub processed_at: Option<String>,
+    /// Why it arrived over a limit (`plan_limit_reached`, `rate_limited`,
+    /// `abuse_flagged`), `null` when it did not.
+    pub over_limit: Option<String>,
+    /// `YYYY-MM`: the month it counts toward for caps and billing.
+    pub billing_month: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -158,7 +167,8 @@ pub async fn events(
         "SELECT event_id, install_id, user_hash, source, model,
                 prompt_tokens, completion_tokens, total_tokens,
                 toUnixTimestamp64Milli(created_at) AS created_ms,
-                toUnixTimestamp64Milli(processed_at) AS processed_ms
+                toUnixTimestamp64Milli(processed_at) AS processed_ms,
+                toString(over_limit) AS ol, formatDateTime(billing_month, '%Y-%m') AS bm
          FROM usage_events FINAL
          WHERE {filter}{keyset}
          ORDER BY created_at DESC, event_id DESC
@@ -201,6 +211,8 @@ pub async fn events(
             total_tokens: r.total_tokens,
             created_at: iso_millis(r.created_ms),
             processed_at: r.processed_ms.map(iso_millis),
+            over_limit: Some(r.over_limit).filter(|o| !o.is_empty()),
+            billing_month: r.billing_month,
         })
         .collect();
     Ok((

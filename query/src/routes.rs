@@ -73,9 +73,11 @@ impl Api {
         query: HashMap<String, String>,
     ) -> Result<Response, QueryError> {
         let claims = self.claims(&headers)?;
-        if !claims.is_admin() {
+        if !(claims.role.is_provider()
+            && claims.may(usage_service_kit::auth::Permission::ReadUsage))
+        {
             return Err(QueryError::Forbidden(
-                "the installations list (provider admins only)".into(),
+                "read the installations list (provider admins only)".into(),
             ));
         }
         let params = installations::InstallationsParams::parse(&query, summary::today())?;

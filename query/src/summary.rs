@@ -90,6 +90,11 @@ pub struct SummaryItem {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub estimated_cost_usd: f64,
+    /// Generations that arrived while the installation was over a limit
+    /// (its plan's cap, a rate window, an abuse flag): recorded and
+    /// counted in every total above, and shown here as the overage.
+    pub over_limit_requests: u64,
+    pub over_limit_tokens: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -133,9 +138,25 @@ pub fn bind_scoped(
     filters.bind(q)
 }
 
-/// install_id, dimension, requests, prompt, completion, total tokens, cost,
-/// number of groups.
-type SummaryRow = (String, String, u64, u64, u64, u64, String, u64);
+/// One group of the summary query, with the number of groups. (Short
+/// aliases in the query, so that no sum shadows the column it sums.)
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct SummaryRow {
+    install_id: String,
+    dim: String,
+    total_requests: u64,
+    #[serde(rename = "p")]
+    prompt_tokens: u64,
+    #[serde(rename = "c")]
+    completion_tokens: u64,
+    total_tokens: u64,
+    cost: String,
+    #[serde(rename = "o")]
+    over_limit_requests: u64,
+    #[serde(rename = "ot")]
+    over_limit_tokens: u64,
+    groups: u64,
+}
 
 pub async fn summary(
     client: &Client,
@@ -149,6 +170,7 @@ pub async fn summary(
         "SELECT install_id, {dimension} AS dim,
                 sum(requests) AS total_requests, sum(prompt_tokens) AS p, sum(completion_tokens) AS c,
                 sum(total_tokens) AS total_tokens, toString(sum(cost_usd)) AS cost,
+                sum(over_limit_requests) AS o, sum(over_limit_tokens) AS ot,
                 count() OVER () AS groups
          FROM usage_daily FINAL
          WHERE {filter}
@@ -164,7 +186,7 @@ pub async fn summary(
         .fetch_all()
         .await?;
     let total = match rows.first() {
-        Some(r) => r.7,
+        Some(r) => r.groups,
         None if params.offset == 0 => 0,
         // A page past the end: count separately.
         None => {
@@ -178,41 +200,32 @@ pub async fn summary(
 
     let items = rows
         .into_iter()
-        .map(
-            |(
-                install_id,
-                dim,
-                total_requests,
-                prompt_tokens,
-                completion_tokens,
-                total_tokens,
-                cost,
-                _groups,
-            )| {
-                let mut item = SummaryItem {
-                    install_id,
-                    date: None,
-                    user_hash: None,
-                    source: None,
-                    model: None,
-                    month: None,
-                    total_requests,
-                    prompt_tokens,
-                    completion_tokens,
-                    total_tokens,
-                    // Summed exactly as Decimal in ClickHouse; a JSON number here.
-                    estimated_cost_usd: cost.parse().unwrap_or(0.0),
-                };
-                *match params.group_by {
-                    GroupBy::Day => &mut item.date,
-                    GroupBy::User => &mut item.user_hash,
-                    GroupBy::Source => &mut item.source,
-                    GroupBy::Model => &mut item.model,
-                    GroupBy::Month => &mut item.month,
-                } = Some(dim);
-                item
-            },
-        )
+        .map(|r| {
+            let mut item = SummaryItem {
+                install_id: r.install_id,
+                date: None,
+                user_hash: None,
+                source: None,
+                model: None,
+                month: None,
+                total_requests: r.total_requests,
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.completion_tokens,
+                total_tokens: r.total_tokens,
+                // Summed exactly as Decimal in ClickHouse; a JSON number here.
+                estimated_cost_usd: r.cost.parse().unwrap_or(0.0),
+                over_limit_requests: r.over_limit_requests,
+                over_limit_tokens: r.over_limit_tokens,
+            };
+            *match params.group_by {
+                GroupBy::Day => &mut item.date,
+                GroupBy::User => &mut item.user_hash,
+                GroupBy::Source => &mut item.source,
+                GroupBy::Model => &mut item.model,
+                GroupBy::Month => &mut item.month,
+            } = Some(r.dim);
+            item
+        })
         .collect();
     Ok((
         items,

@@ -14,6 +14,6 @@ pub mod rows;
 pub mod wire;
 
 pub use event::UsageEvent;
-pub use governance::{GovernanceDecision, GovernanceState};
-pub use installation::Installation;
+pub use governance::{Account, Episode, GovernanceDecision, GovernanceState};
+pub use installation::{Installation, PlanPeriod};
 pub use wire::{AvroRecord, WireError};

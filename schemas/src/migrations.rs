@@ -60,6 +60,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(8, "0008_erased_installations"),
     migration!(9, "0009_usage_install_daily"),
     migration!(10, "0010_usage_daily_small_granules"),
+    migration!(11, "0011_over_limit_and_billing_month"),
 ];
 
 impl Migration {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 /// Decimal columns travel as their scaled integer: USD × 10^12.
 pub const COST_SCALE: i64 = 1_000_000_000_000;
 
-/// One row of `usage_events` (migration 0001).
+/// One row of `usage_events` (migrations 0001 and 0011).
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
 pub struct UsageEventRow {
     pub event_id: String,
@@ -36,4 +36,9 @@ pub struct UsageEventRow {
     pub received_at: DateTime<Utc>,
     pub signature_scheme: String,
     pub gateway_instance: String,
+    /// Why the event arrived over a limit, '' when it did not (migration 0011).
+    pub over_limit: String,
+    /// The month it counts toward for caps and billing (migration 0011).
+    #[serde(with = "clickhouse::serde::chrono::date")]
+    pub billing_month: chrono::NaiveDate,
 }

@@ -14,7 +14,9 @@ use apache_avro::Schema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use usage_schemas::wire::{fingerprint, AvroRecord};
-use usage_schemas::{GovernanceDecision, GovernanceState, Installation, UsageEvent};
+use usage_schemas::{
+    Account, Episode, GovernanceDecision, GovernanceState, Installation, PlanPeriod, UsageEvent,
+};
 
 fn fixture(subject: &str, version: usize, ext: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -41,6 +43,8 @@ fn sample_event() -> UsageEvent {
         received_at: 1_762_165_861_234,
         signature_scheme: "install_sig_v1".into(),
         gateway_instance: "gateway-7f3a".into(),
+        billing_month: Some("2025-11".into()),
+        over_limit: Some("plan_limit_reached".into()),
     }
 }
 
@@ -61,7 +65,20 @@ fn sample_installation() -> Installation {
         previous_secret_valid_until: None,
         registered_at: 1_762_000_000_000,
         updated_at: 1_762_000_000_000,
-        revision: 1,
+        revision: 2,
+        plan_history: vec![
+            PlanPeriod {
+                plan: "free".into(),
+                since: 1_762_000_000_000,
+                changed_by: "account:acc_1234567890".into(),
+            },
+            PlanPeriod {
+                plan: "pro".into(),
+                since: 1_762_100_000_000,
+                changed_by: "admin:billing-ops".into(),
+            },
+        ],
+        registered_by: Some("first_sync".into()),
     }
 }
 
@@ -150,6 +167,14 @@ fn every_governance_state_version_decodes_with_the_current_schema() {
         rate_requests_limit: 100,
         rate_tokens_limit: 50_000,
         as_of: 1_762_165_800_000,
+        received_through: 1_762_165_801_234,
+        episodes: vec![Episode {
+            kind: "rate_limited".into(),
+            episode_id: "fedcba9876543210fedcba9876543210".into(),
+            since: 1_762_165_700_000,
+            last_seen: 1_762_165_800_000,
+            marked_at: 1_762_165_760_000,
+        }],
     });
 }
 
@@ -161,6 +186,21 @@ fn every_governance_decision_version_decodes_with_the_current_schema() {
         kind: "cap_critical".into(),
         reason: "45 of 50 generations used in 2025-11 (free plan)".into(),
         at: 1_762_165_800_000,
+        phase: "alert".into(),
+        episode_id: None,
+        until: None,
+    });
+}
+
+#[test]
+fn every_account_version_decodes_with_the_current_schema() {
+    check_subject(Account {
+        account_id: "acc_1234567890".into(),
+        plan: "agency".into(),
+        max_installations: Some(20_000),
+        updated_at: 1_762_165_800_000,
+        updated_by: "admin:billing-ops".into(),
+        revision: 3,
     });
 }
 

@@ -26,6 +26,8 @@ fn sample_event() -> UsageEvent {
         received_at: 1_762_165_860_123,
         signature_scheme: "install_sig_v1".into(),
         gateway_instance: "gw-1".into(),
+        billing_month: None,
+        over_limit: None,
     }
 }
 
@@ -101,6 +103,8 @@ fn an_installation_is_not_read_as_an_event() {
         registered_at: 1,
         updated_at: 2,
         revision: 1,
+        plan_history: vec![],
+        registered_by: None,
     };
     let bytes = installation.to_wire().unwrap();
     assert_eq!(Installation::from_wire(&bytes).unwrap(), installation);
@@ -145,6 +149,8 @@ fn arb_event() -> impl Strategy<Value = UsageEvent> {
                     received_at: received,
                     signature_scheme: "body_sig_v2".into(),
                     gateway_instance: "gw".into(),
+                    billing_month: Some("2025-11".into()),
+                    over_limit: hex.starts_with('a').then(|| "rate_limited".into()),
                 }
             },
         )

@@ -43,6 +43,14 @@ pub struct KafkaArgs {
         default_value = "usage.governance.v1"
     )]
     pub governance_topic: String,
+    /// Compacted topic holding the accounts the provider set plans and
+    /// limits for (Avro `Account`, keyed by account_id), followed by every gateway.
+    #[arg(
+        long = "accounts-topic",
+        env = "USAGE_ACCOUNTS_TOPIC",
+        default_value = "usage.accounts.v1"
+    )]
+    pub accounts_topic: String,
     /// Append-only history of governance decisions.
     #[arg(
         long = "decisions-topic",
@@ -89,8 +97,8 @@ impl KafkaArgs {
         config
     }
 
-    /// Creates the events topic, the compacted installations and governance
-    /// topics and the decisions history topic if absent.
+    /// Creates the events topic, the compacted installations, accounts and
+    /// governance topics and the decisions history topic if absent.
     pub async fn ensure_topics(&self) -> Result<(), rdkafka::error::KafkaError> {
         let admin: AdminClient<DefaultClientContext> = self.client_config().create()?;
         let replication = || TopicReplication::Fixed(self.replication);
@@ -102,9 +110,11 @@ impl KafkaArgs {
         let governance = NewTopic::new(&self.governance_topic, 1, replication())
             .set("cleanup.policy", "compact")
             .set("delete.retention.ms", "86400000");
+        let accounts =
+            NewTopic::new(&self.accounts_topic, 1, replication()).set("cleanup.policy", "compact");
         let decisions = NewTopic::new(&self.decisions_topic, 1, replication());
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let all = [&events, &installations, &governance, &decisions];
+        let all = [&events, &installations, &accounts, &governance, &decisions];
         for result in admin.create_topics(all, &opts).await? {
             match result {
                 Ok(name) => tracing::info!(topic = %name, "created topic"),

@@ -4,7 +4,9 @@
 //! - `metrics`: the Prometheus registry behind `/metrics`;
 //! - `health`: `/health` (process alive) and `/ready` (dependencies answer);
 //! - `kafka` and `clickhouse`: typed connection settings, clients and probes;
-//! - `server`: binding the HTTP listener and serving until shutdown.
+//! - `server`: binding the HTTP listener and serving until shutdown;
+//! - `policy` and `periods`: the governance rules and clocks that gateways
+//!   (admission, over-limit marks) and processors (decisions) must share.
 
 pub mod auth;
 pub mod clickhouse;
@@ -12,6 +14,8 @@ pub mod follower;
 pub mod health;
 pub mod kafka;
 pub mod metrics;
+pub mod periods;
+pub mod policy;
 pub mod server;
 pub mod service;
 pub mod telemetry;

@@ -31,6 +31,7 @@ pub fn kafka_args() -> KafkaArgs {
         events_topic: unique("test_events"),
         installations_topic: unique("test_installations"),
         governance_topic: unique("test_governance"),
+        accounts_topic: unique("test_accounts"),
         decisions_topic: unique("test_decisions"),
         events_partitions: 4,
         replication: 1,
@@ -52,6 +53,7 @@ pub async fn drop_topics(args: &KafkaArgs) {
         args.installations_topic.as_str(),
         args.governance_topic.as_str(),
         args.decisions_topic.as_str(),
+        args.accounts_topic.as_str(),
     ];
     let _ = admin
         .delete_topics(&topics, &rdkafka::admin::AdminOptions::new())

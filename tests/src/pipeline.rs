@@ -66,6 +66,20 @@ pub fn token(role: Role, account: Option<&str>) -> String {
         exp: chrono::Utc::now().timestamp() + 3600,
         nbf: None,
         iat: None,
+        ..Default::default()
+    })
+}
+
+/// A token the account system issues with exactly `scope` (space-separated
+/// permissions), e.g. `"usage:read data:erase"` for a privacy tool.
+pub fn scoped_token(account: &str, scope: &str) -> String {
+    JwtVerifier::new(DEV_SECRET.as_bytes()).sign(&Claims {
+        sub: "scoped".into(),
+        role: Role::Account,
+        account_id: Some(account.to_string()),
+        scope: Some(scope.to_string()),
+        exp: chrono::Utc::now().timestamp() + 3600,
+        ..Default::default()
     })
 }
 
@@ -170,22 +184,28 @@ pub struct Pipeline {
 impl Pipeline {
     /// Everything up and ready; `with_processor: false` leaves processing to the test.
     pub async fn start(with_processor: bool) -> Self {
+        Self::start_with(with_processor, |_, _| {}).await
+    }
+
+    /// Like [`Pipeline::start`], with the gateway's and the processor's
+    /// settings changed by `customize` first.
+    pub async fn start_with(
+        with_processor: bool,
+        customize: impl FnOnce(&mut usage_ingest::Config, &mut usage_processors::Config),
+    ) -> Self {
         usage_service_kit::telemetry::init(&quiet_log());
         let kafka = kafka_args();
         require_kafka(&kafka).await;
         let clickhouse = crate::migrated_database().await;
-        let gateway = usage_ingest::IngestService::start(ingest_config(&kafka))
-            .await
-            .unwrap();
+        let mut ingest = ingest_config(&kafka);
+        let mut processor = processors_config(&kafka, &clickhouse, &crate::unique("group"));
+        customize(&mut ingest, &mut processor);
+        let gateway = usage_ingest::IngestService::start(ingest).await.unwrap();
         let processors = if with_processor {
             Some(
-                usage_processors::Processors::start(processors_config(
-                    &kafka,
-                    &clickhouse,
-                    &crate::unique("group"),
-                ))
-                .await
-                .unwrap(),
+                usage_processors::Processors::start(processor)
+                    .await
+                    .unwrap(),
             )
         } else {
             None
@@ -213,18 +233,85 @@ impl Pipeline {
         crate::wait_ready_status(addr, 200, Duration::from_secs(30)).await;
     }
 
+    /// The provider onboards `site` on `plan` (a provider admin's
+    /// registration: 201 when created, 200 when re-registered).
     pub async fn register(&self, site: &Site, plan: &str) -> (u16, Value) {
+        self.register_with(&admin_token(), &site.registration(plan))
+            .await
+    }
+
+    /// The site's own account registers it, naming `plan` or none.
+    pub async fn register_as_account(&self, site: &Site, plan: Option<&str>) -> (u16, Value) {
+        let mut body = site.registration(plan.unwrap_or(""));
+        if plan.is_none() {
+            body.as_object_mut().unwrap().remove("plan");
+        }
+        self.register_with(&token(Role::Account, Some(&site.account_id)), &body)
+            .await
+    }
+
+    pub async fn register_with(&self, bearer: &str, body: &Value) -> (u16, Value) {
         let r = http()
             .post(format!(
                 "http://{}/api/usage/installations",
                 self.ingest_addr
             ))
-            .bearer_auth(token(Role::Account, Some(&site.account_id)))
-            .json(&site.registration(plan))
+            .bearer_auth(bearer)
+            .json(body)
             .send()
             .await
             .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The provider sets `site`'s plan (`PUT .../plan`, an admin token).
+    pub async fn set_plan(&self, site: &Site, plan: &str) -> (u16, Value) {
+        let r = http()
+            .put(format!(
+                "http://{}/api/usage/installations/{}/plan",
+                self.ingest_addr, site.install_id
+            ))
+            .bearer_auth(admin_token())
+            .json(&json!({ "plan": plan }))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `POST /api/usage/admit` as the site asks it: its account token and
+    /// the body signed with its secret (v2).
+    pub async fn admit(&self, site: &Site, generations: u64, tokens: u64) -> (u16, Value) {
+        let body = serde_json::to_vec(&json!({
+            "install_id": site.install_id, "generations": generations, "tokens": tokens
+        }))
+        .unwrap();
+        let ts = chrono::Utc::now().timestamp();
+        let r = http()
+            .post(format!("http://{}/api/usage/admit", self.ingest_addr))
+            .bearer_auth(token(Role::Account, Some(&site.account_id)))
+            .header("X-Usage-Signature", site.v2_signature(ts, &body))
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET /api/usage/governance` for `site`, as its account reads it.
+    pub async fn governance(&self, site: &Site) -> Value {
+        let r = http()
+            .get(format!(
+                "http://{}/api/usage/governance?install_id={}",
+                self.ingest_addr, site.install_id
+            ))
+            .bearer_auth(token(Role::Account, Some(&site.account_id)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["governance"].clone()
     }
 
     /// Sends a batch signed the legacy way, as every deployed plugin does.

@@ -49,6 +49,8 @@ impl ProcessorProcess {
                 &kafka.governance_topic,
                 "--decisions-topic",
                 &kafka.decisions_topic,
+                "--accounts-topic",
+                &kafka.accounts_topic,
                 "--events-partitions",
                 &kafka.events_partitions.to_string(),
                 "--clickhouse-url",

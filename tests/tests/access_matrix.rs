@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 use usage_e2e::http;
-use usage_e2e::pipeline::{admin_token, event, Pipeline, Site};
+use usage_e2e::pipeline::{admin_token, event, scoped_token, Pipeline, Site};
 use usage_service_kit::auth::{Claims, JwtVerifier, Role, DEV_SECRET};
 
 fn token(
@@ -25,6 +25,7 @@ fn token(
         exp: chrono::Utc::now().timestamp() + 3600,
         nbf: None,
         iat: None,
+        ..Default::default()
     })
 }
 
@@ -192,12 +193,13 @@ async fn every_role_sees_exactly_its_own_rows_on_every_endpoint() {
         }
     }
 
-    // Erasure: only the owning account (or a provider admin). Nobody else
-    // may erase A2, B's account may not, and X's account may.
-    let y = token(Role::Account, Some(b.account_id.as_str()), &[], None);
+    // Erasure: a token with data:erase of the owning account (or a provider
+    // admin). The account token every site holds may not (it lacks
+    // data:erase), nor may anybody else, nor B's account with data:erase.
+    let eraser = |account: &str| scoped_token(account, "usage:read data:erase");
     let erase_a2 = format!("/api/usage/installations/{}", a2.install_id);
-    let mut forbidden: Vec<(&str, String)> = roles[2..].to_vec();
-    forbidden.push(("account Y", y));
+    let mut forbidden: Vec<(&str, String)> = roles[1..].to_vec();
+    forbidden.push(("account Y with data:erase", eraser(&b.account_id)));
     for (role, bearer) in &forbidden {
         assert_eq!(
             call(&p, bearer, "DELETE", &erase_a2, None).await.0,
@@ -205,7 +207,7 @@ async fn every_role_sees_exactly_its_own_rows_on_every_endpoint() {
             "{role}"
         );
     }
-    let (status, _) = call(&p, &roles[1].1, "DELETE", &erase_a2, None).await;
+    let (status, _) = call(&p, &eraser(&a2.account_id), "DELETE", &erase_a2, None).await;
     assert_eq!(status, 200);
     assert_eq!(
         call(&p, &roles[0].1, "GET", &summary(&a2), None).await,

@@ -96,6 +96,8 @@ fn raw(event: u32, created_at: chrono::DateTime<chrono::Utc>) -> UsageEventRow {
         received_at: chrono::Utc::now(),
         signature_scheme: "install_sig_v1".into(),
         gateway_instance: "t".into(),
+        over_limit: String::new(),
+        billing_month: usage_service_kit::periods::month_start(created_at.timestamp_millis()),
     }
 }
 
@@ -270,7 +272,9 @@ async fn usage_daily_is_rebuilt_with_small_granules_and_keeps_every_row() {
         Some("8192")
     );
 
-    let report = migrate(&ch.server_client(), &ch.database).await.unwrap();
+    let report = migrate_through(&ch.server_client(), &ch.database, &MIGRATIONS[..10])
+        .await
+        .unwrap();
     assert_eq!(report.applied, [10]);
     assert_rebuilt(&client).await;
     assert_eq!(
@@ -302,7 +306,9 @@ async fn the_rebuild_repeats_safely_after_dying_before_or_after_the_swap() {
     )
     .await;
     exec("INSERT INTO usage_daily_rebuild SELECT * REPLACE ('inst_ghost' AS install_id) FROM usage_daily".into()).await;
-    let report = migrate(&ch.server_client(), &ch.database).await.unwrap();
+    let report = migrate_through(&ch.server_client(), &ch.database, &MIGRATIONS[..10])
+        .await
+        .unwrap();
     assert_eq!(report.applied, [10]);
     assert_eq!(
         daily_rows(&client).await,
@@ -321,7 +327,9 @@ async fn the_rebuild_repeats_safely_after_dying_before_or_after_the_swap() {
             .into(),
     )
     .await;
-    let report = migrate(&ch.server_client(), &ch.database).await.unwrap();
+    let report = migrate_through(&ch.server_client(), &ch.database, &MIGRATIONS[..10])
+        .await
+        .unwrap();
     assert_eq!(report.applied, [10]);
     assert_eq!(daily_rows(&client).await, before, "not swapped back");
     assert_rebuilt(&client).await;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use usage_e2e::pipeline::{admin_token, event, token, Pipeline, Site};
+use usage_e2e::pipeline::{admin_token, event, scoped_token, token, Pipeline, Site};
 use usage_e2e::processes::ProcessorProcess;
 use usage_e2e::{eventually, http, unique};
 use usage_query::erasure::TABLES;
@@ -84,10 +84,18 @@ async fn an_erased_installation_is_gone_everywhere_and_a_replay_cannot_restore_i
     .await;
     let b_before = rows(&p, &b).await;
 
-    // Another account may not erase it; its own account may.
-    let (status, body) = erase(&p, &a, &token(Role::Account, Some(&b.account_id))).await;
+    // Another account may not erase it, nor its own account's token that
+    // every site holds (it lacks data:erase); its account's privacy tool may.
+    let (status, body) = erase(&p, &a, &scoped_token(&b.account_id, "data:erase")).await;
     assert_eq!(status, 403, "{body}");
     let (status, body) = erase(&p, &a, &token(Role::Account, Some(&a.account_id))).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = erase(
+        &p,
+        &a,
+        &scoped_token(&a.account_id, "usage:read data:erase"),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["success"], true);
     assert_eq!(body["erased"]["install_id"], a.install_id.as_str());
@@ -343,6 +351,8 @@ async fn a_redelivered_batch_deletes_what_an_earlier_attempt_wrote_after_an_eras
         received_at: now - 1_000,
         signature_scheme: "install_sig_v1".into(),
         gateway_instance: "test".into(),
+        billing_month: None,
+        over_limit: None,
     };
     let batch = vec![
         event(1, "inst_erased"),

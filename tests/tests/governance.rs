@@ -1,16 +1,20 @@
-//! Live governance end to end: events with timestamps under the test's
-//! control go through the real gateway, Kafka, processors and ClickHouse; the
-//! processors' decisions come back to the gateway through the governance
-//! topic and are enforced there.
+//! Live governance end to end: events go through the real gateway, Kafka,
+//! processors and ClickHouse; the processors' decisions come back to the
+//! gateway through the governance topic, where admission enforces them and
+//! what arrives over a limit is recorded and marked.
+//!
+//! Windows run on the gateway's clock (an event counts at its created_at
+//! clamped to [received - 60 s, received]), so most tests send events
+//! created now. The spike test needs a day of history: its processors run
+//! with a grace of two days, so that created_at counts as the site says.
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use usage_e2e::pipeline::{event, token, Pipeline, Site};
+use usage_e2e::pipeline::{event, Pipeline, Site};
 use usage_e2e::processes::ProcessorProcess;
 use usage_e2e::{eventually, http, unique};
 use usage_schemas::wire::AvroRecord;
-use usage_service_kit::auth::Role;
 
 const BIN: &str = env!("CARGO_BIN_EXE_e2e-processors");
 
@@ -142,6 +146,10 @@ fn test_start_times_keep_their_events_within_a_day_or_a_month() {
 
 use chrono::Datelike;
 
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
 /// Sends events `ids` created at `at(id)`, `per_batch` per request; returns the statuses.
 async fn send(
     p: &Pipeline,
@@ -173,18 +181,24 @@ async fn send(
     out
 }
 
-async fn report(p: &Pipeline, site: &Site) -> Value {
-    let r = http()
-        .get(format!(
-            "http://{}/api/usage/governance?install_id={}",
-            p.ingest_addr, site.install_id
-        ))
-        .bearer_auth(token(Role::Account, Some(&site.account_id)))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json::<Value>().await.unwrap()["governance"].clone()
+/// Sends events created in the last second, a millisecond apart in id
+/// order (so that decisions sort as the events do); every batch must be
+/// recorded.
+async fn send_now(
+    p: &Pipeline,
+    site: &Site,
+    ids: std::ops::Range<u128>,
+    per_batch: usize,
+    tokens: u32,
+) {
+    let base = now_ms() - 1000;
+    for (status, body) in send(p, site, ids, per_batch, tokens, |i| {
+        base + (i % 1000) as i64
+    })
+    .await
+    {
+        assert_eq!(status, 200, "{body}");
+    }
 }
 
 async fn wait_report(p: &Pipeline, site: &Site, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
@@ -192,7 +206,7 @@ async fn wait_report(p: &Pipeline, site: &Site, what: &str, ok: impl Fn(&Value) 
     let found = tokio::time::timeout(
         Duration::from_secs(30),
         eventually(what, Duration::from_secs(31), || async {
-            let r = report(p, site).await;
+            let r = p.governance(site).await;
             *last.lock().unwrap() = r.clone();
             ok(&r).then_some(r)
         }),
@@ -206,29 +220,61 @@ async fn wait_report(p: &Pipeline, site: &Site, what: &str, ok: impl Fn(&Value) 
     })
 }
 
+/// The installation's decisions but an ongoing episode's extensions: the
+/// starts, ends and alerts, in governance-time order.
 async fn decisions(p: &Pipeline, site: &Site) -> Vec<(String, String)> {
     p.clickhouse
         .client()
-        .query("SELECT kind, reason FROM governance_decisions FINAL WHERE install_id = ? ORDER BY at, kind")
+        .query(
+            "SELECT kind, reason FROM governance_decisions FINAL
+             WHERE install_id = ? AND phase != 'extended' ORDER BY at, kind",
+        )
         .bind(&site.install_id)
         .fetch_all()
         .await
         .unwrap()
 }
 
+/// The installation's stored events that arrived over a limit, by reason.
+async fn over_limit(p: &Pipeline, site: &Site) -> Vec<(String, u64)> {
+    p.clickhouse
+        .client()
+        .query(
+            "SELECT toString(over_limit) AS reason, count() FROM usage_events FINAL
+             WHERE install_id = ? AND over_limit != '' GROUP BY reason ORDER BY reason",
+        )
+        .bind(&site.install_id)
+        .fetch_all()
+        .await
+        .unwrap()
+}
+
+/// Waits until `n` of the installation's events are stored.
+async fn wait_stored(p: &Pipeline, site: &Site, n: u64) {
+    eventually("the events stored", Duration::from_secs(30), || async {
+        (p.raw_totals(site).await.0 == n).then_some(())
+    })
+    .await;
+}
+
+/// Asks for admission of one generation; its answer.
+async fn admit(p: &Pipeline, site: &Site) -> Value {
+    let (status, body) = p.admit(site, 1, 200).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 #[tokio::test]
-async fn the_101st_request_in_5_minutes_is_refused_until_the_window_frees() {
+async fn the_100th_request_in_5_minutes_stops_admission_and_the_101st_is_recorded_over_the_limit() {
     let p = Pipeline::start(true).await;
     let site = Site::new(1);
     assert_eq!(p.register(&site, "agency").await.0, 201);
-    let t0 = base(20, 300_000, Within::Month).await;
-    // 100 requests, one a second.
-    for (status, body) in send(&p, &site, 0..100, 25, 100, |i| t0 + i as i64 * 1000).await {
-        assert_eq!(status, 200, "{body}");
-    }
+    base(0, 60_000, Within::Month).await;
+    assert_eq!(admit(&p, &site).await["allowed"], true);
+    send_now(&p, &site, 0..100, 25, 100).await;
     let accepted = Instant::now();
     let r = wait_report(&p, &site, "the gateway to know the window is full", |r| {
-        r["requests_left_in_window"] == 0
+        r["requests_left_in_window"] == 0 && r["rate_limited"] == true
     })
     .await;
     println!(
@@ -237,19 +283,37 @@ async fn the_101st_request_in_5_minutes_is_refused_until_the_window_frees() {
     );
     assert_eq!(r["monthly_used"], 100);
 
-    // The 101st, 100 s later, is refused until the first 10 s bucket slides out.
-    let (status, body) = send(&p, &site, 100..101, 1, 100, |_| t0 + 100_000)
-        .await
-        .remove(0);
-    assert_eq!(status, 429, "{body}");
-    assert_eq!(body["error"], "rate_limited");
-    assert_eq!(body["success"], false);
-    assert_eq!(body["received"], 0);
-    // Once the window has freed (event time t0 + 300 s), it is accepted.
-    let (status, body) = send(&p, &site, 101..102, 1, 100, |_| t0 + 300_000)
+    // The next generation is refused where it is decided, until the window frees.
+    let a = admit(&p, &site).await;
+    assert_eq!(
+        (a["allowed"].clone(), a["reason"].clone()),
+        (false.into(), "rate_limited".into())
+    );
+    let wait = a["retry_after_seconds"].as_u64().unwrap();
+    assert!((200..=300).contains(&wait), "{a}");
+    assert_eq!(a["governance"]["rate_limited"], true);
+
+    // A generation made anyway is recorded, marked, and counted.
+    let (status, body) = send(&p, &site, 100..101, 1, 100, |_| now_ms())
         .await
         .remove(0);
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body["governance"]["rate_limited"], true);
+    wait_stored(&p, &site, 101).await;
+    assert_eq!(
+        over_limit(&p, &site).await,
+        [("rate_limited".to_string(), 1)]
+    );
+    let s = p
+        .summary(&format!("install_id={}&group_by=month", site.install_id))
+        .await;
+    assert_eq!(
+        (
+            s["data"][0]["total_requests"].as_u64(),
+            s["data"][0]["over_limit_requests"].as_u64()
+        ),
+        (Some(101), Some(1))
+    );
     assert_kinds(&p, &site, &["rate_limited"]).await;
     p.stop().await;
 }
@@ -259,25 +323,27 @@ async fn the_token_limit_works_the_same_way() {
     let p = Pipeline::start(true).await;
     let site = Site::new(2);
     assert_eq!(p.register(&site, "agency").await.0, 201);
-    let t0 = base(20, 300_000, Within::Month).await;
+    base(0, 60_000, Within::Month).await;
     // 5 generations of 10,000 tokens reach the 50,000-token limit.
-    for (status, body) in send(&p, &site, 0..5, 5, 10_000, |i| t0 + i as i64 * 1000).await {
-        assert_eq!(status, 200, "{body}");
-    }
+    send_now(&p, &site, 0..5, 5, 10_000).await;
     wait_report(&p, &site, "the token window to be full", |r| {
-        r["tokens_left_in_window"] == 0
+        r["tokens_left_in_window"] == 0 && r["rate_limited"] == true
     })
     .await;
-    let (status, body) = send(&p, &site, 5..6, 1, 20, |_| t0 + 60_000)
+    let a = admit(&p, &site).await;
+    assert_eq!(
+        (a["allowed"].clone(), a["reason"].clone()),
+        (false.into(), "rate_limited".into())
+    );
+    let reason: Vec<String> = decisions(&p, &site)
         .await
-        .remove(0);
-    assert_eq!(status, 429, "{body}");
-    assert_eq!(body["error"], "rate_limited");
-    assert!(body["message"].as_str().unwrap().contains("tokens"));
-    let (status, _) = send(&p, &site, 6..7, 1, 20, |_| t0 + 300_000)
-        .await
-        .remove(0);
-    assert_eq!(status, 200);
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    assert!(
+        reason[0].starts_with("5 requests, 50000 tokens in 5 minutes"),
+        "{reason:?}"
+    );
     p.stop().await;
 }
 
@@ -286,11 +352,8 @@ async fn abuse_is_flagged_at_200_requests_in_an_hour() {
     let p = Pipeline::start(true).await;
     let site = Site::new(3);
     assert_eq!(p.register(&site, "agency").await.0, 201);
-    let t0 = base(59, 200 * 15_000, Within::Anything).await;
-    // 200 requests over 50 minutes: 4 a minute, never rate limited.
-    for (status, body) in send(&p, &site, 0..200, 50, 100, |i| t0 + i as i64 * 15_000).await {
-        assert_eq!(status, 200, "{body}");
-    }
+    base(0, 60_000, Within::Month).await;
+    send_now(&p, &site, 0..200, 50, 100).await;
     let r = wait_report(&p, &site, "abuse to be flagged", |r| {
         r["abuse_flagged"] == true
     })
@@ -299,19 +362,18 @@ async fn abuse_is_flagged_at_200_requests_in_an_hour() {
         .as_str()
         .unwrap()
         .starts_with("200 requests in one hour"));
-    assert_kinds(&p, &site, &["abuse_flagged"]).await;
+    // One episode of each: the rate limit from the 100th, abuse from the 200th.
+    assert_kinds(&p, &site, &["rate_limited", "abuse_flagged"]).await;
     p.stop().await;
 }
 
 #[tokio::test]
-async fn the_free_plan_warns_at_38_and_45_blocks_at_50_and_an_upgrade_unblocks() {
+async fn a_free_site_past_its_cap_is_refused_admission_and_every_generation_is_still_recorded() {
     let p = Pipeline::start(true).await;
     let site = Site::new(4);
     assert_eq!(p.register(&site, "free").await.0, 201);
-    let t0 = base(10, 500_000, Within::Day).await;
-    for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
-        assert_eq!(status, 200, "{body}");
-    }
+    base(0, 120_000, Within::Day).await;
+    send_now(&p, &site, 0..50, 10, 100).await;
     let r = wait_report(&p, &site, "the block", |r| r["level"] == "blocked").await;
     assert_eq!(
         (r["monthly_used"].as_i64(), r["monthly_cap"].as_i64()),
@@ -320,43 +382,113 @@ async fn the_free_plan_warns_at_38_and_45_blocks_at_50_and_an_upgrade_unblocks()
     assert_eq!(r["usage_percent"], 100.0);
     // Each alert once, at the 38th, the 45th and the 50th generation.
     assert_kinds(&p, &site, &["cap_warning", "cap_critical", "blocked"]).await;
-    let got = decisions(&p, &site).await;
-    let alerts: Vec<(&str, &str)> = got
-        .iter()
-        .map(|(k, r)| (k.as_str(), r.split(' ').next().unwrap()))
+    let alerts: Vec<(String, String)> = decisions(&p, &site)
+        .await
+        .into_iter()
+        .map(|(k, r)| (k, r.split(' ').next().unwrap().to_string()))
         .collect();
     assert_eq!(
         alerts,
         [
-            ("cap_warning", "38"),
-            ("cap_critical", "45"),
-            ("blocked", "50")
+            ("cap_warning".to_string(), "38".to_string()),
+            ("cap_critical".into(), "45".into()),
+            ("blocked".into(), "50".into())
         ]
     );
 
-    // The 51st generation is refused with the code the plugin shows.
-    let (status, body) = send(&p, &site, 50..51, 1, 100, |_| t0 + 500_000)
-        .await
-        .remove(0);
-    assert_eq!(status, 429, "{body}");
-    assert_eq!(body["error"], "plan_limit_reached");
-    // Still refused on a resend; nothing counted.
-    let (status, _) = send(&p, &site, 50..51, 1, 100, |_| t0 + 500_000)
-        .await
-        .remove(0);
-    assert_eq!(status, 429);
+    // Admission says no, until the next month.
+    let a = admit(&p, &site).await;
+    assert_eq!(
+        (a["allowed"].clone(), a["reason"].clone()),
+        (false.into(), "plan_limit_reached".into())
+    );
+    let next_month = usage_service_kit::periods::next_month_start_ms(now_ms());
+    let wait = a["retry_after_seconds"].as_i64().unwrap();
+    assert!(((next_month - now_ms()) / 1000 - wait).abs() <= 5, "{a}");
 
-    // Upgrading the plan unblocks without waiting for an event.
-    assert_eq!(p.register(&site, "pro").await.0, 200);
+    // The site generates 10 more anyway (and resends them): every one is
+    // recorded once, marked as overage, and nothing is lost.
+    for _ in 0..2 {
+        for (status, body) in send(&p, &site, 50..60, 5, 100, |_| now_ms()).await {
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["governance"]["level"], "blocked");
+        }
+    }
+    wait_stored(&p, &site, 60).await;
+    assert_eq!(
+        over_limit(&p, &site).await,
+        [("plan_limit_reached".to_string(), 10)]
+    );
+    p.wait_for_requests(&site, &chrono::Utc::now().date_naive().to_string(), 60)
+        .await;
+    let s = p
+        .summary(&format!("install_id={}&group_by=day", site.install_id))
+        .await;
+    assert_eq!(
+        (
+            s["data"][0]["total_requests"].as_u64(),
+            s["data"][0]["over_limit_requests"].as_u64(),
+            s["data"][0]["over_limit_tokens"].as_u64()
+        ),
+        (Some(60), Some(10), Some(1000))
+    );
+    // The export says so too: JSON Lines always, CSV when asked.
+    let export = |body: Value| {
+        let url = format!("http://{}/api/usage/export", p.query_addr);
+        async move {
+            let r = http()
+                .post(url)
+                .bearer_auth(usage_e2e::pipeline::admin_token())
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        }
+    };
+    let today = chrono::Utc::now().date_naive().to_string();
+    let lines = export(
+        serde_json::json!({"install_id": site.install_id, "date_from": today,
+        "date_to": today, "group_by": "source", "format": "jsonl"}),
+    )
+    .await;
+    let row: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (
+            row["total_requests"].as_u64(),
+            row["over_limit_requests"].as_u64()
+        ),
+        (Some(60), Some(10))
+    );
+    let csv = export(
+        serde_json::json!({"install_id": site.install_id, "date_from": today,
+        "date_to": today, "group_by": "source", "include_over_limit": true}),
+    )
+    .await;
+    assert_eq!(
+        csv,
+        "Date,User Hash,Source,Requests,Prompt Tokens,Completion Tokens,Total Tokens,Cost USD,Over Limit Requests,Over Limit Tokens\n\
+         ,,bulk,60,5400,600,6000,0.00117,10,1000\n"
+    );
+    let raw = export(
+        serde_json::json!({"install_id": site.install_id, "date_from": today,
+        "date_to": today, "group_by": "events", "format": "jsonl"}),
+    )
+    .await;
+    let marked = raw
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).unwrap()["over_limit"] == "plan_limit_reached")
+        .count();
+    assert_eq!(marked, 10);
+
+    // The provider upgrades the plan: unblocked without waiting for an event.
+    assert_eq!(p.set_plan(&site, "pro").await.0, 200);
     wait_report(&p, &site, "the upgrade to unblock", |r| {
         r["level"] == "ok" && r["plan"] == "pro"
     })
     .await;
-    let (status, body) = send(&p, &site, 50..51, 1, 100, |_| t0 + 500_000)
-        .await
-        .remove(0);
-    assert_eq!(status, 200, "{body}");
-    // Each alert once; the unblock sorts after the block it lifts (same time).
+    assert_eq!(admit(&p, &site).await["allowed"], true);
     assert_kinds(
         &p,
         &site,
@@ -367,13 +499,61 @@ async fn the_free_plan_warns_at_38_and_45_blocks_at_50_and_an_upgrade_unblocks()
 }
 
 #[tokio::test]
+async fn honest_queued_and_retried_batches_count_whole_in_every_window() {
+    let p = Pipeline::start(true).await;
+    let site = Site::new(13);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    base(20, 60_000, Within::Month).await;
+    let now = now_ms();
+    // A bulk run queued by the plugin: 50 generations over the last 5
+    // minutes, sent in one batch as the queue flushes.
+    for (status, body) in send(&p, &site, 0..50, 50, 100, |i| {
+        now - 300_000 + i as i64 * 6_000
+    })
+    .await
+    {
+        assert_eq!(status, 200, "{body}");
+    }
+    // A batch that failed and is retried 15 minutes later: 49 generations
+    // made 15 to 10 minutes ago.
+    for (status, body) in send(&p, &site, 50..99, 49, 100, |i| {
+        now - 900_000 + (i as i64 - 50) * 6_000
+    })
+    .await
+    {
+        assert_eq!(status, 200, "{body}");
+    }
+    // Every one of them counts in the 5-minute window (at its arrival, at
+    // most a minute back): 99 of 100.
+    let r = wait_report(&p, &site, "99 requests in the window", |r| {
+        r["requests_left_in_window"] == 1
+    })
+    .await;
+    assert_eq!(
+        (r["monthly_used"].as_u64(), r["rate_limited"].as_bool()),
+        (Some(99), Some(false))
+    );
+    assert_eq!(
+        p.processor_metric("usage_governance_events_too_late_total")
+            .await,
+        0
+    );
+    // And the 100th fills it.
+    send_now(&p, &site, 99..100, 1, 100).await;
+    wait_report(&p, &site, "the full window", |r| r["rate_limited"] == true).await;
+    assert_eq!(admit(&p, &site).await["allowed"], false);
+    p.stop().await;
+}
+
+#[tokio::test]
 async fn duplicates_move_no_counter_and_a_restarted_processor_keeps_its_counts() {
     let p = Pipeline::start(false).await;
     let site = Site::new(5);
     assert_eq!(p.register(&site, "agency").await.0, 201);
     let group = unique("group");
     let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
-    let t0 = base(20, 40_000, Within::Month).await;
+    base(0, 120_000, Within::Month).await;
+    let t0 = now_ms();
     let batch = |ids: std::ops::Range<u128>| {
         site.batch(
             ids.map(|i| {
@@ -384,7 +564,7 @@ async fn duplicates_move_no_counter_and_a_restarted_processor_keeps_its_counts()
                     "gpt-4o-mini",
                     90,
                     10,
-                    &iso(t0 + i as i64 * 1000),
+                    &iso(t0 + i as i64 * 100),
                 )
             })
             .collect(),
@@ -403,14 +583,10 @@ async fn duplicates_move_no_counter_and_a_restarted_processor_keeps_its_counts()
         n == 50
     })
     .await;
-    let r = report(&p, &site).await;
-    assert_eq!(
-        (
-            r["requests_left_in_window"].as_i64(),
-            r["monthly_used"].as_i64()
-        ),
-        (Some(70), Some(30))
-    );
+    // The processors' state has not moved; the gateway's own count of the
+    // resends it accepted lasts until a state counts past them.
+    let r = p.governance(&site).await;
+    assert_eq!(r["requests_left_in_window"].as_i64(), Some(70));
 
     // Killed mid-window; the replacement rebuilds the window from ClickHouse.
     first.kill().await;
@@ -420,7 +596,7 @@ async fn duplicates_move_no_counter_and_a_restarted_processor_keeps_its_counts()
         &p,
         &site,
         "40 requests in the window after the restart",
-        |r| r["requests_left_in_window"] == 60,
+        |r| r["requests_left_in_window"] == 60 && r["monthly_used"] == 40,
     )
     .await;
     assert_eq!(r["monthly_used"], 40);
@@ -428,7 +604,7 @@ async fn duplicates_move_no_counter_and_a_restarted_processor_keeps_its_counts()
     p.stop().await;
 }
 
-/// Decision kinds of an installation, in event-time order.
+/// Decision kinds of an installation, in governance-time order.
 async fn kinds(p: &Pipeline, site: &Site) -> Vec<String> {
     decisions(p, site)
         .await
@@ -472,10 +648,8 @@ async fn an_idle_installation_leaves_memory_and_comes_back_with_the_same_counts(
         &unique("group"),
         &["--governance-idle-secs", "1"],
     );
-    let t0 = base(20, 100_000, Within::Month).await;
-    for (status, body) in send(&p, &site, 0..60, 30, 100, |i| t0 + i as i64 * 1000).await {
-        assert_eq!(status, 200, "{body}");
-    }
+    base(0, 120_000, Within::Month).await;
+    send_now(&p, &site, 0..60, 30, 100).await;
     wait_report(&p, &site, "60 requests in the window", |r| {
         r["requests_left_in_window"] == 40
     })
@@ -490,19 +664,14 @@ async fn an_idle_installation_leaves_memory_and_comes_back_with_the_same_counts(
     wait_metric(&processor, "usage_governance_installations{", |n| n == 0).await;
 
     // Its next events rebuild it from ClickHouse: the window still holds the
-    // first 60, so the 100th fills it and the 101st is refused.
-    for (status, body) in send(&p, &site, 60..100, 40, 100, |i| t0 + i as i64 * 1000).await {
-        assert_eq!(status, 200, "{body}");
-    }
+    // first 60, so the 100th fills it and admission stops.
+    send_now(&p, &site, 60..100, 40, 100).await;
     let r = wait_report(&p, &site, "the full window", |r| {
-        r["requests_left_in_window"] == 0
+        r["requests_left_in_window"] == 0 && r["rate_limited"] == true
     })
     .await;
     assert_eq!(r["monthly_used"], 100);
-    let (status, body) = send(&p, &site, 100..101, 1, 100, |_| t0 + 100_000)
-        .await
-        .remove(0);
-    assert_eq!(status, 429, "{body}");
+    assert_eq!(admit(&p, &site).await["reason"], "rate_limited");
     assert_kinds(&p, &site, &["rate_limited"]).await;
     processor.kill().await;
     p.stop().await;
@@ -515,19 +684,17 @@ async fn an_upgrade_unblocks_a_site_whose_processor_restarted_since_the_block() 
     assert_eq!(p.register(&site, "free").await.0, 201);
     let group = unique("group");
     let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
-    let t0 = base(10, 500_000, Within::Day).await;
-    for (status, body) in send(&p, &site, 0..50, 25, 100, |i| t0 + i as i64 * 10_000).await {
-        assert_eq!(status, 200, "{body}");
-    }
+    base(0, 120_000, Within::Day).await;
+    send_now(&p, &site, 0..50, 25, 100).await;
     wait_report(&p, &site, "the block", |r| r["level"] == "blocked").await;
     // The history has the block too (written before the state is sent).
     assert_kinds(&p, &site, &["cap_warning", "cap_critical", "blocked"]).await;
-    // A blocked site sends nothing the gateway accepts, so the restarted
-    // processor never sees it again: the upgrade alone must unblock it.
+    // A blocked site that stops sending is never seen again by the
+    // restarted processor: the upgrade alone must unblock it.
     first.kill().await;
     let second = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
     wait_metric(&second, "usage_processor_assigned_partitions", |n| n == 4).await;
-    assert_eq!(p.register(&site, "pro").await.0, 200);
+    assert_eq!(p.set_plan(&site, "pro").await.0, 200);
     let r = wait_report(&p, &site, "the upgrade to unblock", |r| {
         r["level"] == "ok" && r["plan"] == "pro"
     })
@@ -545,16 +712,13 @@ async fn an_upgrade_unblocks_a_site_whose_processor_restarted_since_the_block() 
 
 /// A free-plan site whose whole plan (50 generations) the gateway accepted
 /// while no processor ran, then a first instance that ran with `fault` at
-/// its first occasion and aborted: the pipeline, the site, its first
-/// event's time and the consumer group.
-async fn whole_free_plan_then_a_fault(n: u32, fault: &str) -> (Pipeline, Site, i64, String) {
+/// its first occasion and aborted: the pipeline, the site and the consumer group.
+async fn whole_free_plan_then_a_fault(n: u32, fault: &str) -> (Pipeline, Site, String) {
     let p = Pipeline::start(false).await;
     let site = Site::new(n);
     assert_eq!(p.register(&site, "free").await.0, 201);
-    let t0 = base(10, 500_000, Within::Day).await;
-    for (status, body) in send(&p, &site, 0..50, 10, 100, |i| t0 + i as i64 * 10_000).await {
-        assert_eq!(status, 200, "{body}");
-    }
+    base(0, 120_000, Within::Day).await;
+    send_now(&p, &site, 0..50, 10, 100).await;
     let group = unique("group");
     ProcessorProcess::run_until_fault(
         BIN,
@@ -564,14 +728,14 @@ async fn whole_free_plan_then_a_fault(n: u32, fault: &str) -> (Pipeline, Site, i
         &["--batch-events", "50", fault, "1"],
     )
     .await;
-    (p, site, t0, group)
+    (p, site, group)
 }
 
 #[tokio::test]
 async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks_on_redelivery() {
     // The first instance writes the 50 events (one batch), then dies
     // before governing them or committing.
-    let (p, site, t0, group) = whole_free_plan_then_a_fault(11, "--crash-after-flush").await;
+    let (p, site, group) = whole_free_plan_then_a_fault(11, "--crash-after-flush").await;
     assert_eq!(p.raw_totals(&site).await, (50, 5000));
     assert_eq!(kinds(&p, &site).await, Vec::<String>::new());
 
@@ -587,11 +751,7 @@ async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks
         |n| n == 50,
     )
     .await;
-    let (status, body) = send(&p, &site, 50..51, 1, 100, |_| t0 + 500_000)
-        .await
-        .remove(0);
-    assert_eq!(status, 429, "{body}");
-    assert_eq!(body["error"], "plan_limit_reached");
+    assert_eq!(admit(&p, &site).await["reason"], "plan_limit_reached");
     replacement.kill().await;
     p.stop().await;
 }
@@ -600,31 +760,48 @@ async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks
 async fn a_processor_that_dies_between_the_history_and_kafka_publishes_on_redelivery() {
     // The first instance stores the batch and its three decisions in
     // ClickHouse, then dies before anything reaches Kafka.
-    let (p, site, _, group) =
-        whole_free_plan_then_a_fault(12, "--crash-after-decisions-stored").await;
+    let (p, site, group) = whole_free_plan_then_a_fault(12, "--crash-after-decisions-stored").await;
     let stored = all_decisions(&p.clickhouse).await;
     assert_eq!(
         kinds(&p, &site).await,
         ["cap_warning", "cap_critical", "blocked"]
     );
-    assert_eq!(report(&p, &site).await["level"], "ok");
     assert!(usage_e2e::read_topic(&p.kafka, &p.kafka.decisions_topic)
         .await
         .is_empty());
 
-    // The replacement governs the batch again: the block reaches the
-    // gateway, and the same three decisions (same ids) reach Kafka.
+    // The replacement governs the batch again: the same three decisions
+    // (same ids) reach Kafka, then the state that blocks.
     let replacement = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
-    wait_report(&p, &site, "the block", |r| r["level"] == "blocked").await;
-    let published: Vec<(String, String)> =
-        usage_e2e::read_topic(&p.kafka, &p.kafka.decisions_topic)
-            .await
-            .iter()
-            .map(|bytes| {
-                let d = usage_schemas::GovernanceDecision::from_wire(bytes).unwrap();
-                (d.decision_id, d.kind)
-            })
-            .collect();
+    let published: Vec<(String, String)> = eventually(
+        "the decisions on Kafka",
+        Duration::from_secs(30),
+        || async {
+            let on_topic = usage_e2e::read_topic(&p.kafka, &p.kafka.decisions_topic).await;
+            (on_topic.len() == 3).then_some(on_topic)
+        },
+    )
+    .await
+    .iter()
+    .map(|bytes| {
+        let d = usage_schemas::GovernanceDecision::from_wire(bytes).unwrap();
+        (d.decision_id, d.kind)
+    })
+    .collect();
+    eventually(
+        "the blocking state on Kafka",
+        Duration::from_secs(30),
+        || async {
+            let states = usage_e2e::read_topic(&p.kafka, &p.kafka.governance_topic).await;
+            states
+                .iter()
+                .any(|b| {
+                    usage_schemas::GovernanceState::from_wire(b).is_ok_and(|s| s.level == "blocked")
+                })
+                .then_some(())
+        },
+    )
+    .await;
     let expected: Vec<(String, String)> = stored
         .iter()
         .map(|(id, _, kind, _, _)| (id.clone(), kind.clone()))
@@ -650,68 +827,35 @@ async fn all_decisions(
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
-    let p = Pipeline::start(true).await;
-    let (limited, abusive, capped) = (Site::new(8), Site::new(9), Site::new(10));
-    assert_eq!(p.register(&limited, "agency").await.0, 201);
-    assert_eq!(p.register(&abusive, "agency").await.0, 201);
-    assert_eq!(p.register(&capped, "free").await.0, 201);
-    // The capped site's alerts must fall on one day (this may wait, so first).
-    let t_cap = base(25, 60 * 20_000, Within::Day).await;
-    let t0 = base(59, 200 * 15_000, Within::Anything).await;
-    // What the gateway accepted of each site: whole batches of 100-token events.
-    let accepted = |site: &Site, replies: Vec<(u16, Value)>, per_batch: u64| {
-        let n = replies.iter().filter(|(status, _)| *status == 200).count() as u64 * per_batch;
-        (site.install_id.clone(), n, n * 100)
-    };
-    let mut expected = vec![
-        // 100 requests in 100 s, then 10 more the gateway refuses.
-        accepted(
-            &limited,
-            send(&p, &limited, 0..110, 10, 100, |i| t0 + i as i64 * 1000).await,
-            10,
-        ),
-        // 200 requests over 50 minutes.
-        accepted(
-            &abusive,
-            send(&p, &abusive, 0..200, 50, 100, |i| t0 + i as i64 * 15_000).await,
-            50,
-        ),
-        // 60 generations on the free plan: refused once the block reaches the
-        // gateway, which may be after the 50th.
-        accepted(
-            &capped,
-            send(&p, &capped, 0..60, 5, 100, |i| t_cap + i as i64 * 20_000).await,
-            5,
-        ),
-    ];
-    expected.sort();
-    wait_report(&p, &capped, "the block", |r| r["level"] == "blocked").await;
-    wait_report(&p, &abusive, "the abuse flag", |r| {
-        r["abuse_flagged"] == true
-    })
-    .await;
-    let original = eventually("every decision stored", Duration::from_secs(30), || async {
-        let d = all_decisions(&p.clickhouse).await;
-        (d.len() == 5).then_some(d)
-    })
-    .await;
-    let kinds_of = |d: &[(String, String, String, String, i64)], site: &Site| -> Vec<String> {
-        d.iter()
-            .filter(|r| r.1 == site.install_id)
-            .map(|r| r.2.clone())
-            .collect()
-    };
-    assert_eq!(kinds_of(&original, &limited), ["rate_limited"]);
-    assert_eq!(kinds_of(&original, &abusive), ["abuse_flagged"]);
-    assert_eq!(
-        kinds_of(&original, &capped),
-        ["cap_warning", "cap_critical", "blocked"]
-    );
+/// What a replay must reproduce: every decision, the daily sums per
+/// installation, and the per-installation days.
+type Outcome = (
+    Vec<(String, String, String, String, i64)>,
+    Vec<(String, u64, u64, u64)>,
+    Vec<(String, String, u64, u64, String)>,
+);
 
-    // Ops rebuild everything: a new database, a new consumer group reading
-    // the events topic from the start, with another batch size.
+async fn outcome(c: &usage_service_kit::clickhouse::ClickHouseArgs) -> Outcome {
+    let client = c.client();
+    (
+        all_decisions(c).await,
+        client
+            .query("SELECT install_id, sum(requests), sum(total_tokens), sum(over_limit_requests) FROM usage_daily FINAL GROUP BY install_id ORDER BY install_id")
+            .fetch_all()
+            .await
+            .unwrap(),
+        client
+            .query("SELECT install_id, toString(date), requests, total_tokens, toString(cost_usd) FROM usage_install_daily FINAL ORDER BY install_id, date")
+            .fetch_all()
+            .await
+            .unwrap(),
+    )
+}
+
+/// Replays the pipeline's events topic into an empty database (a new
+/// consumer group, another batch size) until it holds `expected`'s sums,
+/// and returns what it made.
+async fn replay(p: &Pipeline, expected: &Outcome) -> Outcome {
     let rebuilt = usage_e2e::migrated_database().await;
     let replay = ProcessorProcess::spawn(
         BIN,
@@ -720,55 +864,116 @@ async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
         &unique("replay"),
         &["--batch-events", "7"],
     );
-    let sums = |c: &usage_service_kit::clickhouse::ClickHouseArgs| {
-        let c = c.client();
-        async move {
-            c.query("SELECT install_id, sum(requests), sum(total_tokens) FROM usage_daily FINAL GROUP BY install_id ORDER BY install_id")
-                .fetch_all::<(String, u64, u64)>()
-                .await
-                .unwrap()
-        }
-    };
-    let install_daily = |c: &usage_service_kit::clickhouse::ClickHouseArgs| {
-        let c = c.client();
-        async move {
-            c.query("SELECT install_id, toString(date), requests, total_tokens, toString(cost_usd) FROM usage_install_daily FINAL ORDER BY install_id, date")
-                .fetch_all::<(String, String, u64, u64, String)>()
-                .await
-                .unwrap()
-        }
-    };
-    // The original counts every accepted event once, whenever the decisions
-    // were made.
-    eventually("the original rollups", Duration::from_secs(30), || async {
-        (sums(&p.clickhouse).await == expected).then_some(())
-    })
-    .await;
-    let original_days = install_daily(&p.clickhouse).await;
-    assert!(!original_days.is_empty());
     // The replay has caught up once its rollups hold every accepted event;
     // its decisions may be stored before its last batches are. Then all is
     // compared, so that a difference shows in full.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let snapshot = || async {
-        (
-            all_decisions(&rebuilt).await,
-            sums(&rebuilt).await,
-            install_daily(&rebuilt).await,
-        )
-    };
-    let mut replayed = snapshot().await;
-    while (&replayed.0, &replayed.1, &replayed.2) != (&original, &expected, &original_days)
-        && Instant::now() < deadline
-    {
+    let mut replayed = outcome(&rebuilt).await;
+    while &replayed != expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        replayed = snapshot().await;
+        replayed = outcome(&rebuilt).await;
     }
-    assert_eq!(replayed.0, original);
-    assert_eq!(replayed.1, expected);
-    assert_eq!(replayed.2, original_days);
     replay.kill().await;
     usage_e2e::drop_database(&rebuilt).await;
+    replayed
+}
+
+/// The original's outcome once it has stopped changing (every batch
+/// written and governed).
+async fn settled(p: &Pipeline, events: u64) -> Outcome {
+    eventually("every event stored", Duration::from_secs(30), || async {
+        let n: u64 = p
+            .clickhouse
+            .client()
+            .query("SELECT count() FROM usage_events FINAL")
+            .fetch_one()
+            .await
+            .unwrap();
+        (n == events).then_some(())
+    })
+    .await;
+    let mut last = outcome(&p.clickhouse).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = outcome(&p.clickhouse).await;
+        let requests: u64 = now.1.iter().map(|r| r.1).sum();
+        if now == last && requests == events {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[tokio::test]
+async fn a_replay_into_an_empty_database_makes_the_same_decisions() {
+    let p = Pipeline::start(true).await;
+    let (limited, abusive, capped) = (Site::new(8), Site::new(9), Site::new(10));
+    assert_eq!(p.register(&limited, "agency").await.0, 201);
+    assert_eq!(p.register(&abusive, "agency").await.0, 201);
+    assert_eq!(p.register(&capped, "free").await.0, 201);
+    // The capped site's alerts must fall on one day.
+    base(0, 120_000, Within::Day).await;
+    // 110 requests, 100 of them in the window; 250 (rate limited, then
+    // flagged); 60 generations on the free plan. Every one is recorded.
+    send_now(&p, &limited, 0..110, 10, 100).await;
+    send_now(&p, &abusive, 0..250, 50, 100).await;
+    send_now(&p, &capped, 0..60, 5, 100).await;
+    wait_report(&p, &capped, "the block", |r| r["level"] == "blocked").await;
+    let original = settled(&p, 420).await;
+    let kinds_of = |site: &Site| -> Vec<String> {
+        original
+            .0
+            .iter()
+            .filter(|r| r.1 == site.install_id)
+            .map(|r| r.2.clone())
+            .collect()
+    };
+    assert_eq!(kinds_of(&limited), ["rate_limited"]);
+    assert_eq!(kinds_of(&abusive), ["rate_limited", "abuse_flagged"]);
+    assert_eq!(
+        kinds_of(&capped),
+        ["cap_warning", "cap_critical", "blocked"]
+    );
+    let sums: Vec<(String, u64)> = original.1.iter().map(|r| (r.0.clone(), r.1)).collect();
+    let mut want = vec![
+        (limited.install_id.clone(), 110),
+        (abusive.install_id.clone(), 250),
+        (capped.install_id.clone(), 60),
+    ];
+    want.sort();
+    assert_eq!(sums, want);
+
+    // Ops rebuild everything into a new database: the same decisions (ids,
+    // reasons, times), the same rollups.
+    assert_eq!(replay(&p, &original).await, original);
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_replay_after_a_plan_change_decides_with_the_plan_in_force_at_each_events_time() {
+    let p = Pipeline::start(true).await;
+    let site = Site::new(14);
+    assert_eq!(p.register(&site, "free").await.0, 201);
+    base(0, 120_000, Within::Day).await;
+    // Free: blocked at 50; the provider upgrades to pro; 30 more pass.
+    send_now(&p, &site, 0..50, 10, 100).await;
+    assert_kinds(&p, &site, &["cap_warning", "cap_critical", "blocked"]).await;
+    assert_eq!(p.set_plan(&site, "pro").await.0, 200);
+    wait_report(&p, &site, "the upgrade", |r| {
+        r["plan"] == "pro" && r["level"] == "ok"
+    })
+    .await;
+    send_now(&p, &site, 50..80, 10, 100).await;
+    let original = settled(&p, 80).await;
+    let kinds: Vec<&str> = original.0.iter().map(|r| r.2.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["cap_warning", "cap_critical", "blocked", "unblocked"]
+    );
+
+    // The replay knows the plan history: free until the upgrade, pro after.
+    // Decided with today's plan (pro) alone, nothing would be blocked.
+    assert_eq!(replay(&p, &original).await, original);
     p.stop().await;
 }
 
@@ -778,7 +983,10 @@ async fn a_restarted_processor_keeps_the_spike_baseline() {
     let site = Site::new(11);
     assert_eq!(p.register(&site, "agency").await.0, 201);
     let group = unique("group");
-    let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    // A day of history is sent at once: the processors take created_at as
+    // the site says for up to two days back (a grace only a test needs).
+    let args = ["--governance-grace-ms", "172800000"];
+    let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &args);
     let now = chrono::Utc::now().timestamp_millis();
     // A quiet day: 2 generations an hour for 25 hours...
     let start = now - 27 * 3_600_000;
@@ -792,7 +1000,7 @@ async fn a_restarted_processor_keeps_the_spike_baseline() {
     .await;
     // ...then the processor restarts, and knows that day only from ClickHouse.
     first.kill().await;
-    let second = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
+    let second = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &args);
     // 60 in the last half hour: 30 times the baseline, no fixed limit reached.
     let burst = now - 30 * 60_000;
     for (status, body) in send(&p, &site, 50..110, 20, 100, |i| {
@@ -805,6 +1013,25 @@ async fn a_restarted_processor_keeps_the_spike_baseline() {
     let r = wait_report(&p, &site, "the spike flag", |r| r["spike_flagged"] == true).await;
     assert_eq!(r["abuse_flagged"], false);
     assert_kinds(&p, &site, &["spike_flagged"]).await;
+    // One episode: flagged at the 50th request of the burst's hour, then
+    // extended at most once a minute of governance time while it lasts.
+    let phases: Vec<(String, i64)> = p
+        .clickhouse
+        .client()
+        .query("SELECT phase, toUnixTimestamp64Milli(at) FROM governance_decisions FINAL WHERE install_id = ? ORDER BY at")
+        .bind(&site.install_id)
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(phases[0].0, "start");
+    assert!(
+        phases[1..].iter().all(|(phase, _)| phase == "extended"),
+        "{phases:?}"
+    );
+    assert!(
+        phases.windows(2).all(|w| w[1].1 - w[0].1 >= 60_000),
+        "{phases:?}"
+    );
     second.kill().await;
     p.stop().await;
 }

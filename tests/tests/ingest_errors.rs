@@ -126,6 +126,7 @@ async fn refusals_have_the_contract_status_and_body() {
         exp: now() + 60,
         nbf: None,
         iat: None,
+        ..Default::default()
     });
     let (s, b, _) = Call::new(&p, body.clone())
         .header("Authorization", format!("Bearer {forged}"))
@@ -142,6 +143,7 @@ async fn refusals_have_the_contract_status_and_body() {
         exp: now() - 3600,
         nbf: None,
         iat: None,
+        ..Default::default()
     });
     let (s, b, _) = Call::new(&p, body.clone())
         .header("Authorization", format!("Bearer {expired}"))
@@ -373,25 +375,29 @@ async fn registration_is_idempotent_checked_and_scoped() {
         .unwrap();
     assert_eq!(r.status(), 403);
 
-    // Rotation: the old secret keeps working during the overlap only.
-    let rotate = |overlap: i64, secret: &str| {
-        let body = json!({"secret": secret, "overlap_seconds": overlap});
+    // Rotation: proved with the current secret (the request signed with
+    // it); the old secret keeps working during the overlap only.
+    let rotate = |overlap: i64, secret: &str, proof: &str| {
+        let body =
+            serde_json::to_vec(&json!({"secret": secret, "overlap_seconds": overlap})).unwrap();
         let url = format!(
             "http://{}/api/usage/installations/{}/rotate-secret",
             p.ingest_addr, site.install_id
         );
         let auth = token(Role::Account, Some(&site.account_id));
+        let signature = usage_ingest::signature::sign_v2(proof.as_bytes(), now(), &body);
         async move {
             http()
                 .post(url)
                 .bearer_auth(auth)
-                .json(&body)
+                .header("X-Usage-Signature", signature)
+                .body(body)
                 .send()
                 .await
                 .unwrap()
         }
     };
-    let r = rotate(600, "rotated-secret-number-one").await;
+    let r = rotate(600, "rotated-secret-number-one", &site.secret).await;
     assert_eq!(r.status(), 200);
     let batch = site.batch(vec![good(&site, 1)]);
     assert_eq!(
@@ -402,7 +408,10 @@ async fn registration_is_idempotent_checked_and_scoped() {
     let mut rotated = site.clone();
     rotated.secret = "rotated-secret-number-one".into();
     assert_eq!(p.send(&rotated, batch.clone()).await.0, 200, "new secret");
-    let r = rotate(0, "rotated-secret-number-two").await;
+    // The rotated-out secret proves nothing, even within its overlap.
+    let r = rotate(0, "rotated-secret-number-two", &site.secret).await;
+    assert_eq!(r.status(), 403);
+    let r = rotate(0, "rotated-secret-number-two", &rotated.secret).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         p.send(&rotated, batch.clone()).await.0,

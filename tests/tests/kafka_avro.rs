@@ -31,6 +31,8 @@ fn event(install: usize, seq: usize) -> UsageEvent {
         received_at: 1_762_165_900_000,
         signature_scheme: "install_sig_v1".into(),
         gateway_instance: "test".into(),
+        billing_month: None,
+        over_limit: None,
     }
 }
 

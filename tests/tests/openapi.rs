@@ -117,6 +117,7 @@ async fn check(doc: &Value, call: Call) {
     let mut request = match call.method {
         "GET" => http().get(&call.url),
         "POST" => http().post(&call.url),
+        "PUT" => http().put(&call.url),
         "DELETE" => http().delete(&call.url),
         m => panic!("{m}"),
     };
@@ -216,7 +217,8 @@ async fn every_service_documents_exactly_its_routes_and_answers_as_documented() 
     let ingest_url = |path: &str| format!("http://{}{path}", p.ingest_addr);
     let query_url = |path: &str| format!("http://{}{path}", p.query_addr);
 
-    // The gateway, in an order that makes each call meaningful.
+    // The gateway, in an order that makes each call meaningful: the
+    // provider onboards both sites on pro.
     for s in [&site, &gone] {
         check(
             &ingest,
@@ -224,13 +226,60 @@ async fn every_service_documents_exactly_its_routes_and_answers_as_documented() 
                 method: "POST",
                 path: "/api/usage/installations",
                 url: ingest_url("/api/usage/installations"),
-                bearer: account(s),
+                bearer: admin.clone(),
                 headers: vec![],
                 body: Some(serde_json::to_vec(&s.registration("pro")).unwrap()),
             },
         )
         .await;
     }
+    let account_path = format!("/api/usage/accounts/{}", site.account_id);
+    for (method, body) in [("PUT", Some(json!({"plan": "pro"}))), ("GET", None)] {
+        check(
+            &ingest,
+            Call {
+                method,
+                path: "/api/usage/accounts/{account_id}",
+                url: ingest_url(&account_path),
+                bearer: admin.clone(),
+                headers: vec![],
+                body: body.map(|b| serde_json::to_vec(&b).unwrap()),
+            },
+        )
+        .await;
+    }
+    check(
+        &ingest,
+        Call {
+            method: "PUT",
+            path: "/api/usage/installations/{install_id}/plan",
+            url: ingest_url(&format!(
+                "/api/usage/installations/{}/plan",
+                site.install_id
+            )),
+            bearer: admin.clone(),
+            headers: vec![],
+            body: Some(serde_json::to_vec(&json!({"plan": "pro"})).unwrap()),
+        },
+    )
+    .await;
+    let admission =
+        serde_json::to_vec(&json!({"install_id": site.install_id, "generations": 1})).unwrap();
+    check(
+        &ingest,
+        Call {
+            method: "POST",
+            path: "/api/usage/admit",
+            url: ingest_url("/api/usage/admit"),
+            bearer: account(&site),
+            headers: vec![(
+                "X-Usage-Signature",
+                site.v2_signature(chrono::Utc::now().timestamp(), &admission),
+            )],
+            body: Some(admission),
+        },
+    )
+    .await;
     for (n, path) in [(1u128, "/api/usage/event"), (2, "/usage/event")] {
         let ts = chrono::Utc::now().timestamp();
         check(
@@ -278,7 +327,7 @@ async fn every_service_documents_exactly_its_routes_and_answers_as_documented() 
                 "/api/usage/installations/{}/rotate-secret",
                 gone.install_id
             )),
-            bearer: account(&gone),
+            bearer: admin.clone(),
             headers: vec![],
             body: Some(
                 serde_json::to_vec(
@@ -367,11 +416,14 @@ async fn every_service_documents_exactly_its_routes_and_answers_as_documented() 
             if op["security"].is_null() {
                 continue;
             }
-            let concrete = path.replace("{install_id}", &site.install_id);
-            let body = (method == "POST").then(|| b"{}".to_vec());
+            let concrete = path
+                .replace("{install_id}", &site.install_id)
+                .replace("{account_id}", &site.account_id);
+            let body = (method == "POST" || method == "PUT").then(|| b"{}".to_vec());
             let method: &'static str = match method.as_str() {
                 "GET" => "GET",
                 "POST" => "POST",
+                "PUT" => "PUT",
                 _ => "DELETE",
             };
             let path: &'static str = Box::leak(path.into_boxed_str());

@@ -342,6 +342,8 @@ async fn raw_events_have_the_contract_shape_with_offset_paging() {
             "total_tokens": prompt + completion,
             "created_at": created,
             "processed_at": created,
+            "over_limit": null,
+            "billing_month": billing_month(&created),
         })
     };
     assert_eq!(page["success"], true);
@@ -644,7 +646,8 @@ async fn the_csv_export_is_the_contracts_bytes_and_json_lines_match_it() {
             "user_hash": a.user_hash(1), "source": "inline", "model": "gpt-4o-mini",
             "prompt_tokens": 150, "completion_tokens": 25, "total_tokens": 175,
             "estimated_cost_usd": 0.0000375,
-            "created_at": at(3, "10:00:00.000"), "processed_at": at(3, "10:00:00.000")
+            "created_at": at(3, "10:00:00.000"), "processed_at": at(3, "10:00:00.000"),
+            "over_limit": null
         })
     );
 
@@ -736,4 +739,15 @@ async fn provider_admins_list_installations_with_totals_plan_and_level() {
     assert_eq!(r.status(), 403);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "forbidden");
     p.stop().await;
+}
+
+/// The month an event created at `created` and sent now counts toward.
+fn billing_month(created: &str) -> String {
+    use usage_service_kit::periods;
+    let created = created.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    periods::month_key(periods::billing_month(
+        created.timestamp_millis(),
+        chrono::Utc::now().timestamp_millis(),
+        48 * 3_600_000,
+    ))
 }

@@ -9,6 +9,7 @@
 //! topic first and are applied locally once Kafka has them. The following is
 //! `usage_service_kit::follower`; this module is the table it fills.
 
+pub mod accounts;
 pub mod commands;
 pub mod seal;
 
@@ -51,8 +52,16 @@ impl Entry {
         out
     }
 
+    /// Whether `secret` is the current secret, compared in constant time
+    /// (the comparison's duration says nothing about how much matched).
     pub fn has_secret(&self, secret: &[u8]) -> bool {
-        self.secret == secret
+        use subtle::ConstantTimeEq;
+        bool::from(self.secret.as_slice().ct_eq(secret))
+    }
+
+    /// The current secret only (what proves a rotation: not one rotated out).
+    pub fn current_secret(&self) -> &[u8] {
+        &self.secret
     }
 
     pub fn v2_only(&self) -> bool {
@@ -62,15 +71,50 @@ impl Entry {
 
 pub struct Registry {
     sealer: Sealer,
-    map: RwLock<HashMap<String, Arc<Entry>>>,
+    map: RwLock<Entries>,
     caught_up: AtomicBool,
+}
+
+#[derive(Default)]
+struct Entries {
+    by_id: HashMap<String, Arc<Entry>>,
+    /// Installations per account (the per-account limit).
+    per_account: HashMap<String, usize>,
+}
+
+impl Entries {
+    fn insert(&mut self, entry: Entry) {
+        let account = entry.record.account_id.clone();
+        if let Some(old) = self
+            .by_id
+            .insert(entry.record.install_id.clone(), Arc::new(entry))
+        {
+            self.forget_account(&old.record.account_id);
+        }
+        *self.per_account.entry(account).or_default() += 1;
+    }
+
+    fn remove(&mut self, install_id: &str) {
+        if let Some(old) = self.by_id.remove(install_id) {
+            self.forget_account(&old.record.account_id);
+        }
+    }
+
+    fn forget_account(&mut self, account: &str) {
+        if let Some(n) = self.per_account.get_mut(account) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_account.remove(account);
+            }
+        }
+    }
 }
 
 impl Registry {
     pub fn new(sealer: Sealer) -> Self {
         Self {
             sealer,
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(Entries::default()),
             caught_up: AtomicBool::new(false),
         }
     }
@@ -83,20 +127,50 @@ impl Registry {
         self.map
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .by_id
             .get(install_id)
             .cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .len()
+    }
+
+    /// How many installations `account_id` has registered.
+    pub fn count_of(&self, account_id: &str) -> usize {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .per_account
+            .get(account_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The installations of `account_id` (a provider changing the account's plan).
+    pub fn of_account(&self, account_id: &str) -> Vec<Arc<Entry>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_id
+            .values()
+            .filter(|e| e.record.account_id == account_id)
+            .cloned()
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Applies a record unless a newer revision is already known (records can
-    /// arrive twice: once from our own write, once from the topic).
+    /// Applies a record unless the one held supersedes it (records arrive
+    /// twice: once from our own write, once from the topic; and two gateways
+    /// may write one revision at once, of which every reader keeps the same,
+    /// `Installation::supersedes`).
     pub fn apply(&self, record: Installation) -> Result<(), SealError> {
         let secret = self
             .sealer
@@ -112,19 +186,17 @@ impl Registry {
         };
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         if map
+            .by_id
             .get(&record.install_id)
-            .is_some_and(|e| e.record.revision >= record.revision)
+            .is_some_and(|e| !record.supersedes(&e.record))
         {
             return Ok(());
         }
-        map.insert(
-            record.install_id.clone(),
-            Arc::new(Entry {
-                record,
-                secret,
-                previous,
-            }),
-        );
+        map.insert(Entry {
+            record,
+            secret,
+            previous,
+        });
         Ok(())
     }
 
@@ -182,5 +254,33 @@ impl Registry {
 
     pub fn is_caught_up(&self) -> bool {
         self.caught_up.load(Ordering::SeqCst)
+    }
+}
+
+/// Locks that serialise this gateway's registry writes per account: the
+/// per-account limit is checked and the record written under one, and a
+/// first sync retried at once enrolls its installation once. (Across
+/// gateways, `Installation::supersedes` makes every reader keep the same
+/// record of a revision written twice.)
+pub struct WriteLocks {
+    shards: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Default for WriteLocks {
+    fn default() -> Self {
+        Self {
+            shards: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+}
+
+impl WriteLocks {
+    pub async fn lock(&self, account_id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        account_id.hash(&mut h);
+        self.shards[(h.finish() as usize) % self.shards.len()]
+            .lock()
+            .await
     }
 }

@@ -333,6 +333,7 @@ async fn main() -> anyhow::Result<()> {
         exp: chrono::Utc::now().timestamp() + 86_400,
         nbf: None,
         iat: None,
+        ..Default::default()
     });
     let b = Bench { http, base, token };
     let today = chrono::Utc::now().date_naive();

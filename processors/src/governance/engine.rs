@@ -5,11 +5,22 @@
 //!   retries, redeliveries and replays move no counter. The exception is a
 //!   batch stored by an attempt that died before governing it: its events
 //!   are found stored, yet no state holds them (`to_govern`).
+//! - Every event counts at its governance time (created_at clamped to its
+//!   arrival, `usage_service_kit::periods`) and toward the billing month
+//!   the gateway stamped on it, with the plan in force when it arrived (the
+//!   registry keeps each installation's plan history, and plan changes and
+//!   arrivals share the gateways' clock, so a replay decides with the plans
+//!   the live run had). A plan change between two arrivals is decided at
+//!   its own time, before the later event, as the live run did when the
+//!   change came.
 //! - An installation's state is built on first sight from ClickHouse (its raw
-//!   events of the last hour and grace in arrival order, its hourly counts of
-//!   the spike baseline, its first event, today's cap alerts, and its state
-//!   after the last stored event), so after a restart, a partition move or
-//!   an eviction the owner resumes with the counts it would have had.
+//!   events that arrived in the last hour and grace, in arrival order, its
+//!   hourly counts of the spike baseline, its first event, today's cap
+//!   alerts, and its state after the last stored event), so after a
+//!   restart, a partition move or an eviction the owner resumes with the
+//!   counts it would have had. When the published state is the one that
+//!   counted the installation's last stored event, it is taken as is, so
+//!   open episodes go on rather than start again.
 //! - The governance topic, followed by every instance, tells what was last
 //!   published (nothing unchanged is published again) and what a plan
 //!   change re-evaluates.
@@ -17,9 +28,9 @@
 //!   owner rebuilds it; if they come back, so do we) and when an
 //!   installation has been idle for `idle_after`: memory holds the active
 //!   installations only.
-//! - The monthly cap uses the exact monthly rollup: the count after the
-//!   batch, minus the batch's own events, plus one per event as they are
-//!   evaluated in order.
+//! - The monthly cap uses the exact monthly rollup, summed by billing
+//!   month: the count after the batch, minus the batch's own events, plus
+//!   one per event as they are evaluated in order.
 //! - Decisions go to the `governance_decisions` table, then to the
 //!   decisions topic, then the states that changed to the compacted
 //!   governance topic, all before the batch's offsets are committed (why in
@@ -29,7 +40,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Utc};
 use clickhouse::{Client, Row};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
@@ -38,8 +49,10 @@ use usage_schemas::wire::AvroRecord;
 use usage_schemas::UsageEvent;
 use usage_service_kit::kafka::KafkaArgs;
 
+use usage_service_kit::periods;
+
 use super::policy::{Level, Policy};
-use super::state::{Decision, GovernanceState, Installation, BASELINE_HOURS, HOUR_MS};
+use super::state::{Counted, Decision, GovernanceState, Installation, BASELINE_HOURS, HOUR_MS};
 use super::tables::{Plans, Published};
 use super::window::{Applied, WindowConfig};
 
@@ -59,6 +72,10 @@ struct DecisionRow {
     reason: String,
     #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
     at: DateTime<Utc>,
+    phase: String,
+    episode_id: String,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::millis::option")]
+    until: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -66,7 +83,18 @@ struct RawCount {
     install_id: String,
     event_id: String,
     created_at: i64,
+    received_at: i64,
     total_tokens: u32,
+    billing_month: String,
+}
+
+/// A governed event of a batch, with the clocks governance reads it by.
+struct Item<'a> {
+    event: &'a UsageEvent,
+    /// Governance time.
+    t: i64,
+    /// Billing month, `YYYY-MM`.
+    month: String,
 }
 
 #[derive(Clone, Default)]
@@ -113,6 +141,11 @@ struct Held {
 pub struct Governed {
     /// Indices into the batch, in topic order.
     pub indices: Vec<usize>,
+    /// The latest arrival of each installation's events in the batch,
+    /// counted or found counted already (a plugin's resend): the published
+    /// state's `received_through` moves past them, so that a gateway stops
+    /// counting them as pending.
+    seen_through: HashMap<String, i64>,
     /// Installations with recovered events (stored by an attempt that died
     /// before governing them), and the earliest of those events' times.
     recovered_from: HashMap<String, i64>,
@@ -131,11 +164,8 @@ pub struct Engine {
 /// in the URL, which ClickHouse caps (`http_max_uri_size`, 1 MiB).
 const IDS_PER_QUERY: usize = 2_000;
 
-fn month_key(ms: i64) -> String {
-    let d = DateTime::<Utc>::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .date_naive();
-    format!("{:04}-{:02}-01", d.year(), d.month())
+fn month_date(key: &str) -> chrono::NaiveDate {
+    periods::parse_month_key(key).unwrap_or_default()
 }
 
 impl Engine {
@@ -154,11 +184,18 @@ impl Engine {
         self.installs.len()
     }
 
-    fn plan_of(&self, install_id: &str) -> String {
+    /// The plan in force at `at` on the gateways' clock (the policy's
+    /// default plan for an installation the registry does not know).
+    fn plan_at(&self, install_id: &str, at: i64) -> String {
         self.setup
             .plans
-            .plan(install_id)
+            .plan_at(install_id, at)
             .unwrap_or_else(|| "free".into())
+    }
+
+    /// An event's governance time.
+    fn time_of(&self, e: &UsageEvent) -> i64 {
+        periods::governance_time(e.created_at, e.received_at, self.setup.windows.grace_ms)
     }
 
     fn report_size(&self) {
@@ -225,7 +262,7 @@ impl Engine {
     async fn rebuild(
         &mut self,
         installs: &[&str],
-        batch: &HashMap<&str, Vec<&UsageEvent>>,
+        batch: &HashMap<&str, Vec<Item<'_>>>,
         since: i64,
         recovered_from: &HashMap<String, i64>,
     ) -> Result<(), EngineError> {
@@ -257,16 +294,22 @@ impl Engine {
     async fn rebuild_some(
         &mut self,
         new: &[String],
-        batch: &HashMap<&str, Vec<&UsageEvent>>,
+        batch: &HashMap<&str, Vec<Item<'_>>>,
         since: i64,
         recovered_from: &HashMap<String, i64>,
     ) -> Result<(), EngineError> {
         let ch = &self.setup.clickhouse;
+        let grace = self.setup.windows.grace_ms;
+        // Governance time in SQL, as `periods::governance_time` computes it.
+        const T: &str = "greatest(least(toUnixTimestamp64Milli(created_at), toUnixTimestamp64Milli(received_at)),
+                                   toUnixTimestamp64Milli(received_at) - {grace:Int64})";
         let rows: Vec<RawCount> = ch
             .query(
-                "SELECT install_id, event_id, toUnixTimestamp64Milli(created_at) AS created_at, total_tokens
+                "SELECT install_id, event_id, toUnixTimestamp64Milli(created_at) AS created_at,
+                        toUnixTimestamp64Milli(received_at) AS received_at, total_tokens,
+                        formatDateTime(billing_month, '%Y-%m') AS billing_month
                  FROM usage_events FINAL
-                 WHERE install_id IN {ids:Array(String)} AND created_at >= fromUnixTimestamp64Milli({since:Int64})
+                 WHERE install_id IN {ids:Array(String)} AND received_at >= fromUnixTimestamp64Milli({since:Int64})
                  ORDER BY install_id, received_at, created_at, event_id",
             )
             .param("ids", new)
@@ -275,14 +318,15 @@ impl Engine {
             .await?;
         let baseline_since = since.div_euclid(HOUR_MS) * HOUR_MS - (BASELINE_HOURS + 1) * HOUR_MS;
         let hourly: Vec<(String, i64, u64)> = ch
-            .query(
-                "SELECT install_id, toInt64(toUnixTimestamp(toStartOfHour(created_at))) * 1000 AS hour, count()
+            .query(&format!(
+                "SELECT install_id, intDiv({T}, 3600000) * 3600000 AS hour, count()
                  FROM usage_events FINAL
-                 WHERE install_id IN {ids:Array(String)} AND created_at >= fromUnixTimestamp64Milli({since:Int64})
-                 GROUP BY install_id, hour",
-            )
+                 WHERE install_id IN {{ids:Array(String)}} AND received_at >= fromUnixTimestamp64Milli({{since:Int64}})
+                 GROUP BY install_id, hour"
+            ))
             .param("ids", new)
             .param("since", baseline_since)
+            .param("grace", grace)
             .fetch_all()
             .await?;
         // The first event: read from the raw events of the installation's
@@ -297,15 +341,16 @@ impl Engine {
             .fetch_all()
             .await?;
         let first_events: Vec<(String, i64)> = ch
-            .query(
-                "SELECT install_id, toUnixTimestamp64Milli(min(created_at)) FROM usage_events
-                 WHERE install_id IN {ids:Array(String)}
+            .query(&format!(
+                "SELECT install_id, min({T}) FROM usage_events
+                 WHERE install_id IN {{ids:Array(String)}}
                    AND (install_id, toDate(created_at)) IN
                        (SELECT install_id, min(date) FROM usage_daily
-                        WHERE install_id IN {ids:Array(String)} GROUP BY install_id)
-                 GROUP BY install_id",
-            )
+                        WHERE install_id IN {{ids:Array(String)}} GROUP BY install_id)
+                 GROUP BY install_id"
+            ))
             .param("ids", new)
+            .param("grace", grace)
             .fetch_all()
             .await?;
         let alerts: Vec<(String, String, i64)> = ch
@@ -317,6 +362,39 @@ impl Engine {
             .param("ids", new)
             .fetch_all()
             .await?;
+        // The published states that counted an event still stored, outside
+        // this batch: those are this installation's own timeline (not that
+        // of another run over other data, as in a replay into an empty
+        // database), so they are taken as they are.
+        let published: HashMap<String, GovernanceState> = new
+            .iter()
+            .filter_map(|id| self.setup.published.get(id))
+            .filter(|s| s.received_through > 0)
+            .map(|s| (s.install_id.clone(), s))
+            .collect();
+        let mut continued: HashSet<String> = HashSet::new();
+        if !published.is_empty() {
+            let marks: Vec<(String, i64)> = published
+                .values()
+                .map(|s| (s.install_id.clone(), s.received_through))
+                .collect();
+            let found: Vec<(String, String)> = ch
+                .query(
+                    "SELECT install_id, event_id FROM usage_events
+                     WHERE (install_id, toUnixTimestamp64Milli(received_at)) IN {marks:Array(Tuple(String, Int64))}",
+                )
+                .param("marks", &marks)
+                .fetch_all()
+                .await?;
+            for (install, event) in found {
+                let in_batch = batch
+                    .get(install.as_str())
+                    .is_some_and(|items| items.iter().any(|i| i.event.event_id == event));
+                if !in_batch {
+                    continued.insert(install);
+                }
+            }
+        }
 
         let mut rebuilt: HashMap<String, Installation> = new
             .iter()
@@ -326,16 +404,20 @@ impl Engine {
         let batch_ids: HashSet<(&str, &str)> = batch
             .values()
             .flatten()
-            .map(|e| (e.install_id.as_str(), e.event_id.as_str()))
+            .map(|i| (i.event.install_id.as_str(), i.event.event_id.as_str()))
             .collect();
+        // The billing month and arrival of each one's latest stored event.
+        let mut latest: HashMap<String, (String, i64)> = HashMap::new();
         for r in rows {
             if batch_ids.contains(&(r.install_id.as_str(), r.event_id.as_str())) {
                 continue;
             }
             if let Some(state) = rebuilt.get_mut(&r.install_id) {
+                let t = periods::governance_time(r.created_at, r.received_at, grace);
                 state
                     .windows
-                    .apply(&self.setup.windows, r.created_at, u64::from(r.total_tokens));
+                    .apply(&self.setup.windows, t, u64::from(r.total_tokens));
+                latest.insert(r.install_id, (r.billing_month, r.received_at));
             }
         }
         let mut baselines: HashMap<String, BTreeMap<i64, u64>> = HashMap::new();
@@ -346,8 +428,8 @@ impl Engine {
         let first_events: HashMap<String, i64> = first_events.into_iter().collect();
         for (id, state) in &mut rebuilt {
             let mut hourly = baselines.remove(id).unwrap_or_default();
-            for e in batch.get(id.as_str()).into_iter().flatten() {
-                if let Some(n) = hourly.get_mut(&(e.created_at.div_euclid(HOUR_MS) * HOUR_MS)) {
+            for i in batch.get(id.as_str()).into_iter().flatten() {
+                if let Some(n) = hourly.get_mut(&(i.t.div_euclid(HOUR_MS) * HOUR_MS)) {
                     *n = n.saturating_sub(1);
                 }
             }
@@ -370,40 +452,58 @@ impl Engine {
                 let day = DateTime::<Utc>::from_timestamp_millis(at)
                     .unwrap_or_default()
                     .date_naive();
-                state.remember_alert(level, day);
+                let month = periods::month_key(periods::month_start(at));
+                state.remember_alert(level, month, day);
             }
         }
         // The state as it was after the installation's last stored event
-        // (this batch aside), so decisions already made are not made again.
-        // Derived from ClickHouse alone: a replay into an empty database
-        // starts from nothing, exactly as the original run did.
+        // (this batch aside), so decisions already made are not made again:
+        // the published one when it is this timeline's, else derived from
+        // ClickHouse alone (a replay into an empty database starts from
+        // nothing, exactly as the original run did).
         let mut before_batch: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for (id, state) in &rebuilt {
-            if state.windows.max_event_time == i64::MIN {
+        for (id, state) in &mut rebuilt {
+            if let Some(s) = published.get(id).filter(|_| continued.contains(id)) {
+                state.last = Some(s.clone());
                 continue;
             }
-            let month = month_key(state.windows.max_event_time);
+            let Some((month, _)) = latest.get(id) else {
+                continue;
+            };
             let in_batch = batch
                 .get(id.as_str())
                 .into_iter()
                 .flatten()
-                .filter(|e| month_key(e.created_at) == month)
+                .filter(|i| &i.month == month)
                 .count() as u64;
-            before_batch.insert((id.clone(), month), in_batch);
+            before_batch.insert((id.clone(), month.clone()), in_batch);
         }
         let totals = self.monthly(&before_batch).await?;
         for ((id, month), in_batch) in &before_batch {
-            let plan = self.plan_of(id);
+            let at = rebuilt
+                .get(id)
+                .map_or(i64::MIN, |s| s.windows.max_event_time);
+            let received = latest.get(id).map_or(0, |(_, r)| *r);
+            let plan = self.plan_at(id, received);
             if let Some(state) = rebuilt.get_mut(id) {
                 let used = totals
                     .get(&(id.clone(), month.clone()))
                     .copied()
                     .unwrap_or_default()
                     .saturating_sub(*in_batch);
-                let at = state.windows.max_event_time;
                 // Its decisions were made (and published) when it happened.
-                let _ =
-                    state.evaluate(id, &plan, used, at, &self.setup.policy, &self.setup.windows);
+                let _ = state.evaluate(
+                    Counted {
+                        install_id: id,
+                        plan: &plan,
+                        at,
+                        received,
+                        month,
+                        month_used: used,
+                    },
+                    &self.setup.policy,
+                    &self.setup.windows,
+                );
             }
         }
         let now = Instant::now();
@@ -419,25 +519,27 @@ impl Engine {
         Ok(())
     }
 
-    /// Exact generations per (install_id, month start) from the monthly rollup.
+    /// Exact generations per (install_id, billing month `YYYY-MM`) from the
+    /// monthly rollup: the rows of the month itself, and the rows of
+    /// earlier months billed to it (`late_billing_month`, migration 0011).
     async fn monthly(
         &self,
         keys: &BTreeMap<(String, String), u64>,
     ) -> Result<HashMap<(String, String), u64>, EngineError> {
-        if keys.is_empty() {
+        let (Some(first), Some(last)) = (
+            keys.keys().map(|(_, m)| month_date(m)).min(),
+            keys.keys().map(|(_, m)| month_date(m)).max(),
+        ) else {
             return Ok(HashMap::new());
-        }
-        // Installations × months may be wider than the keys asked for (a
-        // batch straddling a month end); the extra rows are dropped below.
+        };
+        // Late events reach at most a few months back (the gateway refuses
+        // events older than 80 days); their rows sit in those months.
+        let from = first
+            .checked_sub_months(chrono::Months::new(3))
+            .unwrap_or(first);
         let ids: Vec<&str> = keys
             .keys()
             .map(|(i, _)| i.as_str())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let months: Vec<&str> = keys
-            .keys()
-            .map(|(_, m)| m.as_str())
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
@@ -447,12 +549,16 @@ impl Engine {
                 .setup
                 .clickhouse
                 .query(
-                    "SELECT install_id, toString(month), sum(requests) FROM usage_monthly FINAL
-                     WHERE install_id IN {ids:Array(String)} AND month IN {months:Array(Date)}
-                     GROUP BY install_id, month",
+                    "SELECT install_id,
+                            formatDateTime(if(late_billing_month = toDate(0), month, late_billing_month), '%Y-%m') AS billed,
+                            sum(requests)
+                     FROM usage_monthly FINAL
+                     WHERE install_id IN {ids:Array(String)} AND month >= {from:Date} AND month <= {to:Date}
+                     GROUP BY install_id, billed",
                 )
                 .param("ids", ids)
-                .param("months", &months)
+                .param("from", from.to_string())
+                .param("to", last.to_string())
                 .fetch_all()
                 .await?;
             totals.extend(
@@ -471,37 +577,58 @@ impl Engine {
     /// decisions leaves the batch stored and uncommitted. Its redelivery
     /// finds every event stored, yet no state counted them: the
     /// installation is not in memory (the instance restarted, or the
-    /// partition moved), and its published state predates them (`as_of`).
-    /// Those are counted now, so the block or the alert they cause is
-    /// published (with the decision ids it would have had). A resend, or a
-    /// replay into the same database, finds them governed and leaves them
-    /// out. An event stored late and out of order (before `as_of`) is left
-    /// out too; the rebuild still counts it from ClickHouse.
+    /// partition moved), and its published state counted only events that
+    /// arrived before them (`received_through`; governance time `as_of` for
+    /// a state published before that field existed). Those are counted now,
+    /// so the block or the alert they cause is published (with the decision
+    /// ids it would have had). A resend, or a replay into the same
+    /// database, finds them governed and leaves them out. An event stored
+    /// out of arrival order (before the mark) is left out too; the rebuild
+    /// still counts it from ClickHouse.
     ///
     /// Decided once per batch, before any rebuild: a failed attempt can
     /// leave some installations rebuilt in memory.
     pub fn to_govern(&self, events: &[UsageEvent], fresh: &[usize], stored: &[usize]) -> Governed {
-        let mut governed_until: HashMap<&str, Option<i64>> = HashMap::new();
+        let mut governed_until: HashMap<&str, Option<(i64, i64)>> = HashMap::new();
         let mut chosen = Governed {
             indices: fresh.to_vec(),
+            seen_through: HashMap::new(),
             recovered_from: HashMap::new(),
         };
+        for e in fresh.iter().chain(stored).filter_map(|i| events.get(*i)) {
+            let r = chosen
+                .seen_through
+                .entry(e.install_id.clone())
+                .or_insert(e.received_at);
+            *r = (*r).max(e.received_at);
+        }
         for &i in stored {
             let Some(e) = events.get(i) else { continue };
             let install = e.install_id.as_str();
             if self.installs.contains_key(install) {
                 continue;
             }
-            let until = *governed_until
-                .entry(install)
-                .or_insert_with(|| self.setup.published.get(install).map(|s| s.as_of));
-            if until.is_none_or(|as_of| e.created_at > as_of) {
+            let mark = *governed_until.entry(install).or_insert_with(|| {
+                self.setup
+                    .published
+                    .get(install)
+                    .map(|s| (s.received_through, s.as_of))
+            });
+            let t = self.time_of(e);
+            let governed = match mark {
+                None => false,
+                Some((received_through, _)) if received_through > 0 => {
+                    e.received_at <= received_through
+                }
+                Some((_, as_of)) => t <= as_of,
+            };
+            if !governed {
                 chosen.indices.push(i);
                 let from = chosen
                     .recovered_from
                     .entry(install.to_string())
-                    .or_insert(e.created_at);
-                *from = (*from).min(e.created_at);
+                    .or_insert(t);
+                *from = (*from).min(t);
             }
         }
         let recovered = chosen.indices.len() - fresh.len();
@@ -526,7 +653,12 @@ impl Engine {
         governed: &Governed,
     ) -> Result<(), EngineError> {
         if governed.indices.is_empty() {
-            return Ok(());
+            let changed = self.seen_through(governed, &HashSet::new());
+            if changed.is_empty() {
+                return Ok(());
+            }
+            self.unpublished = Some((changed, Vec::new()));
+            return self.retry_publish().await;
         }
         let _timer = self
             .setup
@@ -534,24 +666,26 @@ impl Engine {
             .batch_seconds
             .as_ref()
             .map(|h| h.start_timer());
-        let fresh: Vec<&UsageEvent> = governed
-            .indices
-            .iter()
-            .filter_map(|i| events.get(*i))
-            .collect();
         // Each installation's events, in topic order, grouped once.
         let mut installs: Vec<&str> = Vec::new();
-        let mut by_install: HashMap<&str, Vec<&UsageEvent>> = HashMap::new();
+        let mut by_install: HashMap<&str, Vec<Item<'_>>> = HashMap::new();
         let mut batch_months: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for e in &fresh {
-            let events_of = by_install.entry(e.install_id.as_str()).or_default();
-            if events_of.is_empty() {
+        let mut earliest = i64::MAX;
+        for e in governed.indices.iter().filter_map(|i| events.get(*i)) {
+            let item = Item {
+                event: e,
+                t: self.time_of(e),
+                month: periods::month_key(crate::rollup::billing_month(e)),
+            };
+            earliest = earliest.min(item.t);
+            *batch_months
+                .entry((e.install_id.clone(), item.month.clone()))
+                .or_default() += 1;
+            let items = by_install.entry(e.install_id.as_str()).or_default();
+            if items.is_empty() {
                 installs.push(&e.install_id);
             }
-            events_of.push(e);
-            *batch_months
-                .entry((e.install_id.clone(), month_key(e.created_at)))
-                .or_default() += 1;
+            items.push(item);
         }
         // Every accepted event's installation was registered on the registry
         // topic before the gateway accepted it, so the plans follower will
@@ -567,9 +701,8 @@ impl Engine {
                 tracing::warn!(%install, "plan still unknown; governing with the default plan");
             }
         }
-        let since = fresh.iter().map(|e| e.created_at).min().unwrap_or_default()
-            - self.setup.windows.long.length_ms()
-            - self.setup.windows.grace_ms;
+        let since =
+            earliest - self.setup.windows.long.length_ms() - self.setup.windows.lateness_ms();
         self.rebuild(&installs, &by_install, since, &governed.recovered_from)
             .await?;
         let totals = self.monthly(&batch_months).await?;
@@ -579,45 +712,117 @@ impl Engine {
         let mut decisions: Vec<Decision> = Vec::new();
         let now = Instant::now();
         for install in installs {
-            let plan = self.plan_of(install);
+            let plans = self.setup.plans.clone();
             let Some(held) = self.installs.get_mut(install) else {
                 continue;
             };
             held.touched = now;
             let state = &mut held.state;
-            let mut last = None;
-            for e in by_install.get(install).into_iter().flatten() {
+            for item in by_install.get(install).into_iter().flatten() {
+                let e = item.event;
                 let tokens = u64::try_from(e.total_tokens).unwrap_or_default();
-                if state.count(&self.setup.windows, e.created_at, tokens) == Applied::TooLate {
+                if state.count(&self.setup.windows, item.t, tokens) == Applied::TooLate {
                     if let Some(c) = &self.setup.metrics.too_late {
                         c.inc();
                     }
                 }
-                let key = (install.to_string(), month_key(e.created_at));
+                // Plans change on the gateways' clock: a change between the
+                // last evaluation and this event's arrival is decided at its
+                // own time first, as the live run did when it happened.
+                if let Some(last) = state.last.clone() {
+                    let arrived = e.received_at.max(last.as_of);
+                    if let Some((since, plan)) = plans.change_between(install, last.as_of, arrived)
+                    {
+                        if plan != last.plan {
+                            let (_, d) = state.evaluate(
+                                Counted {
+                                    install_id: install,
+                                    plan: &plan,
+                                    at: since,
+                                    received: 0,
+                                    month: &last.month,
+                                    month_used: u64::try_from(last.monthly_used).unwrap_or(0),
+                                },
+                                &self.setup.policy,
+                                &self.setup.windows,
+                            );
+                            decisions.extend(d);
+                        }
+                    }
+                }
+                let key = (install.to_string(), item.month.clone());
                 let k = counted.entry(key.clone()).or_default();
                 *k += 1;
                 let total = totals.get(&key).copied().unwrap_or_default();
                 let used = total.saturating_sub(batch_months[&key]) + *k;
-                let (s, d) = state.evaluate(
-                    install,
-                    &plan,
-                    used,
-                    e.created_at,
+                // The plan in force when it arrived (never one older than
+                // a change already acted on).
+                let plan_time = e
+                    .received_at
+                    .max(state.last.as_ref().map_or(i64::MIN, |s| s.as_of));
+                let plan = plans
+                    .plan_at(install, plan_time)
+                    .unwrap_or_else(|| "free".into());
+                let (_, d) = state.evaluate(
+                    Counted {
+                        install_id: install,
+                        plan: &plan,
+                        at: item.t,
+                        received: e.received_at,
+                        month: &item.month,
+                        month_used: used,
+                    },
                     &self.setup.policy,
                     &self.setup.windows,
                 );
                 decisions.extend(d);
-                last = Some(s);
             }
-            if let Some(s) = last {
-                if !self.setup.published.holds(&s) {
-                    changed.push(s);
+            if let Some(last) = state.last.as_mut() {
+                let through = governed.seen_through.get(install).copied().unwrap_or(0);
+                last.received_through = last.received_through.max(through);
+                if !self.setup.published.holds(last) {
+                    changed.push(last.clone());
                 }
             }
         }
+        let counted: HashSet<&str> = by_install.keys().copied().collect();
+        changed.extend(self.seen_through(governed, &counted));
         self.report_size();
         self.unpublished = Some((changed, decisions));
         self.retry_publish().await
+    }
+
+    /// The states of installations whose events in this batch were all
+    /// counted already (resends), moved past them (`Governed::seen_through`).
+    fn seen_through(
+        &mut self,
+        governed: &Governed,
+        counted: &HashSet<&str>,
+    ) -> Vec<GovernanceState> {
+        let mut changed = Vec::new();
+        for (install, through) in &governed.seen_through {
+            if counted.contains(install.as_str()) {
+                continue;
+            }
+            let held = self
+                .installs
+                .get_mut(install)
+                .and_then(|h| h.state.last.as_mut());
+            let state = match held {
+                Some(last) => {
+                    last.received_through = last.received_through.max(*through);
+                    Some(last.clone())
+                }
+                None => self.setup.published.get(install).map(|mut s| {
+                    s.received_through = s.received_through.max(*through);
+                    s
+                }),
+            };
+            if let Some(s) = state.filter(|s| !self.setup.published.holds(s)) {
+                changed.push(s);
+            }
+        }
+        changed
     }
 
     /// True when a batch was counted but its decisions are not published yet.
@@ -650,10 +855,10 @@ impl Engine {
     }
 
     /// Re-evaluates an installation whose plan changed (an upgrade unblocks it
-    /// at once, without waiting for an event the gateway would refuse). Only
-    /// the owner of its partition (`owned`) acts; an owner that no longer
-    /// holds it in memory (a blocked site sends nothing, so it went idle, or
-    /// the processor restarted) rebuilds it first.
+    /// at once, without waiting for its next event), at the time the plan
+    /// took effect, as a replay of its events will. Only the owner of its
+    /// partition (`owned`) acts; an owner that no longer holds it in memory
+    /// (it went idle, or the processor restarted) rebuilds it first.
     pub async fn on_plan_change(
         &mut self,
         install_id: &str,
@@ -662,27 +867,34 @@ impl Engine {
         let Some(previous) = self.setup.published.get(install_id) else {
             return Ok(());
         };
-        if !owned {
+        let (Some(plan), Some(since)) = (
+            self.setup.plans.plan(install_id),
+            self.setup.plans.current_since(install_id),
+        ) else {
+            return Ok(());
+        };
+        if !owned || plan == previous.plan {
             return Ok(());
         }
-        let since =
-            previous.as_of - self.setup.windows.long.length_ms() - self.setup.windows.grace_ms;
-        self.rebuild(&[install_id], &HashMap::new(), since, &HashMap::new())
+        let from =
+            previous.as_of - self.setup.windows.long.length_ms() - self.setup.windows.lateness_ms();
+        self.rebuild(&[install_id], &HashMap::new(), from, &HashMap::new())
             .await?;
-        let plan = self.plan_of(install_id);
         let Some(held) = self.installs.get_mut(install_id) else {
             return Ok(());
         };
         held.touched = Instant::now();
-        let used = u64::try_from(previous.monthly_used).unwrap_or_default();
-        // Decisions are relative to what the gateways enforce now (a rebuilt
-        // state would be derived with the new plan already).
+        // Decisions are relative to what the gateways enforce now.
         held.state.last = Some(previous.clone());
         let (s, d) = held.state.evaluate(
-            install_id,
-            &plan,
-            used,
-            previous.as_of,
+            Counted {
+                install_id,
+                plan: &plan,
+                at: since.max(previous.as_of),
+                received: 0,
+                month: &previous.month,
+                month_used: u64::try_from(previous.monthly_used).unwrap_or_default(),
+            },
             &self.setup.policy,
             &self.setup.windows,
         );
@@ -714,6 +926,9 @@ impl Engine {
                         kind: d.kind.clone(),
                         reason: d.reason.clone(),
                         at: DateTime::<Utc>::from_timestamp_millis(d.at).unwrap_or_default(),
+                        phase: d.phase.clone(),
+                        episode_id: d.episode_id.clone().unwrap_or_default(),
+                        until: d.until.and_then(DateTime::<Utc>::from_timestamp_millis),
                     })
                     .await?;
             }
@@ -735,7 +950,12 @@ impl Engine {
             c.inc_by(decisions.len() as u64);
         }
         for d in &decisions {
-            tracing::info!(install_id = %d.install_id, kind = %d.kind, reason = %d.reason, "governance decision");
+            // Starts, ends and alerts are news; an extension is not.
+            if d.phase == "extended" {
+                tracing::debug!(install_id = %d.install_id, kind = %d.kind, reason = %d.reason, "governance episode extended");
+            } else {
+                tracing::info!(install_id = %d.install_id, kind = %d.kind, phase = %d.phase, reason = %d.reason, "governance decision");
+            }
         }
         for s in states {
             self.setup.published.insert(s);

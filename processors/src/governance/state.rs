@@ -1,34 +1,90 @@
 //! One installation's governance: its windows, and the pure function from
-//! (windows, monthly usage, plan) to its state and the decisions that change.
+//! (windows, billing-period usage, plan) to its state and the decisions
+//! that mark a change.
 //!
-//! Everything is computed in event time, so replaying the same events gives
-//! the same states and the same decisions (decision ids are derived from
-//! their content, not from a clock or a counter).
+//! Everything is computed in governance time (`usage_service_kit::periods`),
+//! so replaying the same events gives the same states and the same
+//! decisions (decision ids are derived from their content, not from a clock
+//! or a counter).
+//!
+//! **Decisions are episodes.** Being rate limited, abuse flagged or spike
+//! flagged is an episode: a `start` decision when it begins, an `extended`
+//! one while it lasts (at most once a minute per kind), and an `end`
+//! (`rate_limit_ended`, `abuse_cleared`, `spike_cleared`) once the condition
+//! has been gone for a minute (so a site hovering at a limit is one episode,
+//! not hundreds). A block is an episode of the current billing period: it
+//! starts with `blocked`, is reminded once a day (`alert`), and ends with
+//! `unblocked` (a plan upgrade, or a new month). Cap warnings are alerts,
+//! at most one per level, billing month and UTC day. The open episodes
+//! travel in the published state, so whoever governs the installation next
+//! continues them.
+//!
+//! **Billing periods.** The state's month is the installation's current
+//! billing period: the latest one it counted an event in. An event of an
+//! earlier period (late within the billing grace) is counted there and can
+//! raise that period's alerts, but never moves the state back, so a
+//! backdated batch cannot lift the current period's block.
 
 use std::collections::{BTreeMap, HashSet};
 
-use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sha2::{Digest, Sha256};
-pub use usage_schemas::{GovernanceDecision as Decision, GovernanceState};
+pub use usage_schemas::{Episode, GovernanceDecision as Decision, GovernanceState};
 
 use super::policy::{Level, Policy};
 use super::window::{Applied, Counts, InstallationWindows, WindowConfig};
 
-fn month_of(ms: i64) -> (String, NaiveDate) {
-    let d = DateTime::<Utc>::from_timestamp_millis(ms)
+/// An ongoing episode gets a new history row at most this often.
+pub const EXTEND_EVERY_MS: i64 = 60_000;
+/// An episode ends once its condition has been gone this long.
+pub const QUIET_MS: i64 = 60_000;
+
+fn day_of(ms: i64) -> NaiveDate {
+    DateTime::<Utc>::from_timestamp_millis(ms)
         .unwrap_or_default()
-        .date_naive();
-    (format!("{:04}-{:02}", d.year(), d.month()), d)
+        .date_naive()
 }
 
-fn decision(install_id: &str, kind: &str, key: &str, reason: String, at: i64) -> Decision {
-    let id = Sha256::digest(format!("{install_id}|{kind}|{key}"));
-    Decision {
-        decision_id: hex::encode(&id[..16]),
-        install_id: install_id.to_string(),
-        kind: kind.to_string(),
-        reason,
-        at,
+/// A decision whose id is derived from `(install, kind, key)`.
+struct New<'a> {
+    install_id: &'a str,
+    kind: &'a str,
+    key: String,
+    reason: String,
+    at: i64,
+    phase: &'a str,
+    episode: Link,
+    until: Option<i64>,
+}
+
+/// Which episode a decision belongs to.
+enum Link {
+    /// It starts one: the episode's id is its own.
+    Starts,
+    /// It extends or ends this one.
+    Of(String),
+    /// None (a cap warning).
+    Alone,
+}
+
+impl New<'_> {
+    fn decide(self) -> Decision {
+        let id = Sha256::digest(format!("{}|{}|{}", self.install_id, self.kind, self.key));
+        let decision_id = hex::encode(&id[..16]);
+        Decision {
+            episode_id: match self.episode {
+                Link::Starts => Some(decision_id.clone()),
+                Link::Of(id) => Some(id),
+                Link::Alone => None,
+            },
+            decision_id,
+            install_id: self.install_id.to_string(),
+            kind: self.kind.to_string(),
+            reason: self.reason,
+            at: self.at,
+            phase: self.phase.to_string(),
+            until: self.until,
+        }
     }
 }
 
@@ -41,16 +97,43 @@ pub struct Installation {
     /// Earliest event time seen (spike detection needs a full baseline).
     first_seen: Option<i64>,
     pub last: Option<GovernanceState>,
-    /// Cap alerts already raised: (level, UTC day). At most one each.
-    alerted: HashSet<(Level, NaiveDate)>,
+    /// Cap alerts already raised: (level, billing month, UTC day).
+    alerted: HashSet<(Level, String, NaiveDate)>,
 }
 
 pub const HOUR_MS: i64 = 3_600_000;
 /// The spike detector's trailing baseline, in hours.
 pub const BASELINE_HOURS: i64 = 24;
 
+/// What one evaluation is about: an event, or a plan change.
+#[derive(Debug, Clone, Copy)]
+pub struct Counted<'a> {
+    pub install_id: &'a str,
+    /// The plan in force at `at`.
+    pub plan: &'a str,
+    /// Governance time of the event (or of the plan change).
+    pub at: i64,
+    /// The event's received_at (0 for a plan change).
+    pub received: i64,
+    /// The billing month (`YYYY-MM`) it counts toward, and that month's
+    /// generations including it.
+    pub month: &'a str,
+    pub month_used: u64,
+}
+
+/// One window condition that makes episodes.
+struct Condition<'a> {
+    kind: &'a str,
+    end_kind: &'a str,
+    /// The reason while it holds; `None` when it does not.
+    holds: Option<String>,
+    ended: String,
+    until: Option<i64>,
+}
+
 impl Installation {
-    /// Counts one new (first-seen, deduplicated) event in the windows.
+    /// Counts one new (first-seen, deduplicated) event in the windows at
+    /// its governance time `t`.
     pub fn count(&mut self, config: &WindowConfig, t: i64, tokens: u64) -> Applied {
         let applied = self.windows.apply(config, t, tokens);
         if applied == Applied::Counted {
@@ -72,8 +155,8 @@ impl Installation {
     }
 
     /// Marks a cap alert as already raised (state rebuilt after a restart).
-    pub fn remember_alert(&mut self, level: Level, day: NaiveDate) {
-        self.alerted.insert((level, day));
+    pub fn remember_alert(&mut self, level: Level, month: String, day: NaiveDate) {
+        self.alerted.insert((level, month, day));
     }
 
     fn spike(&self, policy_factor: f64, min_requests: u64, at: i64, last_hour: u64) -> bool {
@@ -93,24 +176,23 @@ impl Installation {
         last_hour as f64 >= policy_factor * average.max(1.0)
     }
 
-    /// The state at event time `at` and the decisions that changed since the
-    /// last evaluation. `monthly_used` is the exact count of the month of
-    /// `at` (from the monthly rollup).
+    /// The state after counting `c`, and the decisions that mark a change.
     pub fn evaluate(
         &mut self,
-        install_id: &str,
-        plan: &str,
-        monthly_used: u64,
-        at: i64,
+        c: Counted<'_>,
         policy: &Policy,
         config: &WindowConfig,
     ) -> (GovernanceState, Vec<Decision>) {
-        let p = policy.plan(plan);
-        let short = self.windows.short.window(&config.short, at);
-        let long = self.windows.long.window(&config.long, at);
+        let p = policy.plan(c.plan);
+        let previous = self.last.as_ref();
+        // An event behind the latest one (late within the lateness) is
+        // counted, but the state never goes back in time.
+        let now = previous.map_or(c.at, |s| s.as_of.max(c.at));
+        let short = self.windows.short.window(&config.short, now);
+        let long = self.windows.long.window(&config.long, now);
 
         let over_rate = |c: Counts| c.requests >= p.rate_requests || c.tokens >= p.rate_tokens;
-        let rate_limited_until = self.windows.short.frees_at(&config.short, at, over_rate);
+        let rate_limited_until = self.windows.short.frees_at(&config.short, now, over_rate);
         let rate_limit_reason = rate_limited_until.map(|_| {
             if short.requests >= p.rate_requests {
                 "requests"
@@ -132,15 +214,22 @@ impl Installation {
         } else {
             None
         };
-        let spike_flagged = self.spike(p.spike_factor, p.spike_min_requests, at, long.requests);
-        let level = policy.level(monthly_used, p.monthly_cap);
-        let (month, day) = month_of(at);
+        let spike_flagged = self.spike(p.spike_factor, p.spike_min_requests, now, long.requests);
 
-        let state = GovernanceState {
-            install_id: install_id.to_string(),
-            plan: plan.to_string(),
+        // The current billing period: the latest one counted.
+        let (month, used) = match previous {
+            Some(s) if s.month.as_str() > c.month => {
+                (s.month.clone(), u64::try_from(s.monthly_used).unwrap_or(0))
+            }
+            _ => (c.month.to_string(), c.month_used),
+        };
+        let level = policy.level(used, p.monthly_cap);
+
+        let mut state = GovernanceState {
+            install_id: c.install_id.to_string(),
+            plan: c.plan.to_string(),
             month: month.clone(),
-            monthly_used: monthly_used as i64,
+            monthly_used: used as i64,
             monthly_cap: p.monthly_cap.map(|c| c as i64),
             level: level.as_str().to_string(),
             rate_limited_until,
@@ -154,90 +243,206 @@ impl Installation {
             hour_tokens: long.tokens as i64,
             rate_requests_limit: p.rate_requests as i64,
             rate_tokens_limit: p.rate_tokens as i64,
-            as_of: at,
+            as_of: now,
+            received_through: previous.map_or(c.received, |s| s.received_through.max(c.received)),
+            episodes: Vec::new(),
         };
 
         let mut decisions = Vec::new();
-        let previous = self.last.as_ref();
-        let was = |f: fn(&GovernanceState) -> bool| previous.is_some_and(f);
-        if let Some(until) = state.rate_limited_until {
-            if previous
-                .and_then(|s| s.rate_limited_until)
-                .is_none_or(|u| u < at)
-            {
-                let reason = format!(
-                    "{} requests, {} tokens in 5 minutes (limits {}, {})",
-                    short.requests, short.tokens, p.rate_requests, p.rate_tokens
-                );
-                decisions.push(decision(
-                    install_id,
-                    "rate_limited",
-                    &until.to_string(),
-                    reason,
-                    at,
-                ));
+        let rate = format!(
+            "{} requests, {} tokens in 5 minutes (limits {}, {})",
+            short.requests, short.tokens, p.rate_requests, p.rate_tokens
+        );
+        let conditions = [
+            Condition {
+                kind: "rate_limited",
+                end_kind: "rate_limit_ended",
+                holds: rate_limited_until.map(|_| rate.clone()),
+                ended: format!("window freed: {rate}"),
+                until: rate_limited_until,
+            },
+            Condition {
+                kind: "abuse_flagged",
+                end_kind: "abuse_cleared",
+                holds: abuse_reason,
+                ended: format!(
+                    "{} requests, {} tokens in the last hour",
+                    long.requests, long.tokens
+                ),
+                until: None,
+            },
+            Condition {
+                kind: "spike_flagged",
+                end_kind: "spike_cleared",
+                holds: spike_flagged.then(|| {
+                    format!(
+                        "{} requests in the last hour, far above the trailing 24 h",
+                        long.requests
+                    )
+                }),
+                ended: format!("{} requests in the last hour", long.requests),
+                until: None,
+            },
+        ];
+        for cond in conditions {
+            let open = previous.and_then(|s| s.episodes.iter().find(|e| e.kind == cond.kind));
+            match (open, cond.holds) {
+                (None, Some(reason)) => {
+                    let d = New {
+                        install_id: c.install_id,
+                        kind: cond.kind,
+                        key: now.to_string(),
+                        reason,
+                        at: now,
+                        phase: "start",
+                        episode: Link::Starts,
+                        until: cond.until,
+                    }
+                    .decide();
+                    state.episodes.push(Episode {
+                        kind: cond.kind.to_string(),
+                        episode_id: d.decision_id.clone(),
+                        since: now,
+                        last_seen: cond.until.unwrap_or(now),
+                        marked_at: now,
+                    });
+                    decisions.push(d);
+                }
+                (Some(open), Some(reason)) => {
+                    let mut episode = open.clone();
+                    // A rate limit is known to hold until its window frees.
+                    episode.last_seen = cond.until.unwrap_or(now).max(open.last_seen);
+                    if now - open.marked_at >= EXTEND_EVERY_MS {
+                        episode.marked_at = now;
+                        decisions.push(
+                            New {
+                                install_id: c.install_id,
+                                kind: cond.kind,
+                                key: format!("{}|extended|{now}", open.episode_id),
+                                reason,
+                                at: now,
+                                phase: "extended",
+                                episode: Link::Of(open.episode_id.clone()),
+                                until: cond.until,
+                            }
+                            .decide(),
+                        );
+                    }
+                    state.episodes.push(episode);
+                }
+                (Some(open), None) if now - open.last_seen >= QUIET_MS => {
+                    decisions.push(
+                        New {
+                            install_id: c.install_id,
+                            kind: cond.end_kind,
+                            key: open.episode_id.clone(),
+                            reason: cond.ended,
+                            at: now,
+                            phase: "end",
+                            episode: Link::Of(open.episode_id.clone()),
+                            until: None,
+                        }
+                        .decide(),
+                    );
+                }
+                (Some(open), None) => state.episodes.push(open.clone()),
+                (None, None) => {}
             }
         }
-        if let Some(reason) = &abuse_reason {
-            if !was(|s| s.abuse_flagged) {
-                let hour = at.div_euclid(HOUR_MS);
-                decisions.push(decision(
-                    install_id,
-                    "abuse_flagged",
-                    &hour.to_string(),
-                    reason.clone(),
-                    at,
-                ));
-            }
-        }
-        if spike_flagged && !was(|s| s.spike_flagged) {
-            let hour = at.div_euclid(HOUR_MS);
-            let reason = format!(
-                "{} requests in the last hour, far above the trailing 24 h",
-                long.requests
-            );
-            decisions.push(decision(
-                install_id,
-                "spike_flagged",
-                &hour.to_string(),
-                reason,
-                at,
-            ));
-        }
-        // Cap alerts: every level reached for the first time today (a jump from
-        // ok to blocked raises warning and critical too), at most once per day.
+
+        // Cap alerts of the month the event counts toward (its own level
+        // when that is an earlier period than the current one).
+        let event_level = if c.month == month {
+            level
+        } else {
+            policy.level(c.month_used, p.monthly_cap)
+        };
+        let day = day_of(c.at);
+        let open_block = previous
+            .filter(|s| s.month == month)
+            .and_then(|s| s.episodes.iter().find(|e| e.kind == "blocked"));
         for (reached, kind) in [
             (Level::Warning, "cap_warning"),
             (Level::Critical, "cap_critical"),
             (Level::Blocked, "blocked"),
         ] {
-            if level >= reached && self.alerted.insert((reached, day)) {
-                let reason = format!(
-                    "{monthly_used} of {} generations used in {month} ({plan} plan)",
-                    p.monthly_cap.unwrap_or_default()
-                );
-                decisions.push(decision(
-                    install_id,
+            if event_level >= reached && self.alerted.insert((reached, c.month.to_string(), day)) {
+                let current_block = reached == Level::Blocked && c.month == month;
+                let (phase, episode) = match (current_block, open_block) {
+                    (true, None) => ("start", Link::Starts),
+                    (true, Some(open)) => ("alert", Link::Of(open.episode_id.clone())),
+                    (false, _) => ("alert", Link::Alone),
+                };
+                let d = New {
+                    install_id: c.install_id,
                     kind,
-                    &format!("{month}|{day}"),
-                    reason,
-                    at,
-                ));
+                    key: format!("{}|{day}", c.month),
+                    reason: format!(
+                        "{} of {} generations used in {} ({} plan)",
+                        c.month_used,
+                        p.monthly_cap.unwrap_or_default(),
+                        c.month,
+                        c.plan
+                    ),
+                    at: c.at,
+                    phase,
+                    episode,
+                    until: None,
+                }
+                .decide();
+                decisions.push(d);
             }
         }
-        if was(|s| s.level == "blocked") && level != Level::Blocked {
+        // The block of the current period: open while blocked.
+        let previous_block = previous.and_then(|s| s.episodes.iter().find(|e| e.kind == "blocked"));
+        if level == Level::Blocked {
+            let episode = open_block.cloned().unwrap_or_else(|| {
+                // Its id is the day's `blocked` decision's, made above or
+                // earlier today.
+                let id = New {
+                    install_id: c.install_id,
+                    kind: "blocked",
+                    key: format!("{month}|{day}"),
+                    reason: String::new(),
+                    at: now,
+                    phase: "start",
+                    episode: Link::Starts,
+                    until: None,
+                }
+                .decide()
+                .decision_id;
+                Episode {
+                    kind: "blocked".into(),
+                    episode_id: id,
+                    since: now,
+                    last_seen: now,
+                    marked_at: now,
+                }
+            });
+            state.episodes.push(Episode {
+                last_seen: now,
+                ..episode
+            });
+        }
+        if let (Some(block), true) = (previous_block, level != Level::Blocked) {
             let reason = if previous.is_some_and(|s| s.month != month) {
                 format!("new month {month}")
             } else {
-                format!("plan {plan} allows more generations")
+                format!("plan {} allows more generations", c.plan)
             };
-            decisions.push(decision(
-                install_id,
-                "unblocked",
-                &format!("{month}|{plan}|{at}"),
-                reason,
-                at,
-            ));
+            decisions.push(
+                New {
+                    install_id: c.install_id,
+                    kind: "unblocked",
+                    key: format!("{month}|{}|{now}", c.plan),
+                    reason,
+                    at: now,
+                    phase: "end",
+                    episode: Link::Of(block.episode_id.clone()),
+                    until: None,
+                }
+                .decide(),
+            );
         }
         self.last = Some(state.clone());
         (state, decisions)
@@ -258,6 +463,35 @@ mod tests {
         )
     }
 
+    fn month_of(t: i64) -> String {
+        usage_service_kit::periods::month_key(usage_service_kit::periods::month_start(t))
+    }
+
+    /// Evaluates an event at `t` that counts toward its own month, in
+    /// which it is the `used`-th generation.
+    fn eval(
+        g: &mut Installation,
+        plan: &str,
+        used: u64,
+        t: i64,
+        p: &Policy,
+        c: &WindowConfig,
+    ) -> (GovernanceState, Vec<Decision>) {
+        let month = month_of(t);
+        g.evaluate(
+            Counted {
+                install_id: "i",
+                plan,
+                at: t,
+                received: t,
+                month: &month,
+                month_used: used,
+            },
+            p,
+            c,
+        )
+    }
+
     fn kinds(d: &[Decision]) -> Vec<&str> {
         d.iter().map(|d| d.kind.as_str()).collect()
     }
@@ -269,7 +503,7 @@ mod tests {
         for i in 0..100 {
             let t = T0 + i * 1000; // one request per second
             g.count(&c, t, 10);
-            let (s, d) = g.evaluate("i", "pro", i as u64 + 1, t, &p, &c);
+            let (s, d) = eval(&mut g, "pro", i as u64 + 1, t, &p, &c);
             last = (s.rate_limited_until, d);
             if i < 99 {
                 assert_eq!(s.rate_limited_until, None, "request {} is allowed", i + 1);
@@ -279,20 +513,91 @@ mod tests {
         // first 10 s bucket slides out of the 5-minute window.
         assert_eq!(last.0, Some(T0 + 300_000));
         assert_eq!(kinds(&last.1), ["rate_limited"]);
+        assert_eq!(last.1[0].phase, "start");
+        assert_eq!(last.1[0].until, Some(T0 + 300_000));
+        assert_eq!(
+            last.1[0].episode_id.as_deref(),
+            Some(last.1[0].decision_id.as_str())
+        );
     }
 
     #[test]
     fn tokens_rate_limit_likewise() {
         let (mut g, p, c) = setup();
         g.count(&c, T0, 30_000);
-        let (s, _) = g.evaluate("i", "pro", 1, T0, &p, &c);
+        let (s, _) = eval(&mut g, "pro", 1, T0, &p, &c);
         assert_eq!(s.rate_limited_until, None);
         g.count(&c, T0 + 20_000, 20_000);
-        let (s, d) = g.evaluate("i", "pro", 2, T0 + 20_000, &p, &c);
+        let (s, d) = eval(&mut g, "pro", 2, T0 + 20_000, &p, &c);
         assert_eq!(s.rate_limit_reason.as_deref(), Some("tokens"));
         // Dropping the first bucket (30k tokens) frees the window.
         assert_eq!(s.rate_limited_until, Some(T0 + 300_000));
         assert_eq!(kinds(&d), ["rate_limited"]);
+    }
+
+    #[test]
+    fn a_site_that_stays_over_the_limit_is_one_episode_extended_once_a_minute() {
+        let (mut g, p, c) = setup();
+        let mut all = vec![];
+        // 2 requests a second for 10 minutes: over 100 per 5 minutes all along.
+        for i in 0..1200 {
+            let t = T0 + i * 500;
+            g.count(&c, t, 10);
+            let (_, d) = eval(&mut g, "credits", 1, t, &p, &c);
+            all.extend(d.into_iter().filter(|d| d.kind.starts_with("rate_limit")));
+        }
+        let starts: Vec<_> = all.iter().filter(|d| d.phase == "start").collect();
+        assert_eq!(starts.len(), 1, "one episode: {:?}", kinds(&all));
+        let extended: Vec<_> = all.iter().filter(|d| d.phase == "extended").collect();
+        // Limited from the 100th request (t = 49.5 s) to the end (599.5 s):
+        // an extension at most once a minute, each linked to the start.
+        assert_eq!(extended.len(), 9);
+        for pair in extended.windows(2) {
+            assert!(pair[1].at - pair[0].at >= EXTEND_EVERY_MS);
+        }
+        assert!(extended
+            .iter()
+            .all(|d| d.episode_id.as_deref() == Some(starts[0].decision_id.as_str())));
+        // Then quiet: a request once the window has emptied ends it (the
+        // abuse flag of the hour goes on).
+        let t = T0 + 600_000 + 420_000;
+        g.count(&c, t, 10);
+        let (s, d) = eval(&mut g, "credits", 1, t, &p, &c);
+        let d: Vec<_> = d
+            .into_iter()
+            .filter(|d| d.kind.starts_with("rate_limit"))
+            .collect();
+        assert_eq!(kinds(&d), ["rate_limit_ended"]);
+        assert_eq!(d[0].phase, "end");
+        assert_eq!(d[0].episode_id, starts[0].episode_id);
+        assert!(s.episodes.iter().all(|e| e.kind != "rate_limited"));
+    }
+
+    #[test]
+    fn a_limit_that_frees_and_fills_again_within_a_minute_is_the_same_episode() {
+        let (mut g, p, c) = setup();
+        let mut d_all = vec![];
+        let mut t = T0;
+        // 100 requests in the first second: limited until T0 + 300 s.
+        for _ in 0..100 {
+            g.count(&c, t, 1);
+            d_all.extend(eval(&mut g, "credits", 1, t, &p, &c).1);
+            t += 10;
+        }
+        // Free at 300 s; one request at 310 s (not limited), then 100 more
+        // at 320 s: limited again within a minute of the last time it held.
+        for (at, n) in [(T0 + 310_000, 1), (T0 + 320_000, 100)] {
+            for _ in 0..n {
+                g.count(&c, at, 1);
+                d_all.extend(eval(&mut g, "credits", 1, at, &p, &c).1);
+            }
+        }
+        let phases: Vec<_> = d_all
+            .iter()
+            .filter(|d| d.kind.starts_with("rate_limit"))
+            .map(|d| d.phase.as_str())
+            .collect();
+        assert_eq!(phases, ["start", "extended"]);
     }
 
     #[test]
@@ -302,9 +607,10 @@ mod tests {
         for i in 0..250 {
             let t = T0 + i * 15_000; // 4 per minute: never rate limited
             g.count(&c, t, 10);
-            let (s, d) = g.evaluate("i", "agency", i as u64 + 1, t, &p, &c);
+            let (s, d) = eval(&mut g, "agency", i as u64 + 1, t, &p, &c);
             assert_eq!(s.rate_limited_until, None);
-            if kinds(&d).contains(&"abuse_flagged") {
+            let flags: Vec<_> = d.iter().filter(|d| d.kind == "abuse_flagged").collect();
+            if flags.iter().any(|d| d.phase == "start") {
                 assert!(flagged_at.is_none(), "flagged once");
                 flagged_at = Some(i + 1);
             }
@@ -319,20 +625,21 @@ mod tests {
         for used in 1..=55u64 {
             let t = T0 + used as i64 * 60_000; // one a minute
             g.count(&c, t, 10);
-            let (s, d) = g.evaluate("i", "free", used, t, &p, &c);
-            for k in kinds(&d) {
-                alerts.push((used, k.to_string()));
+            let (s, d) = eval(&mut g, "free", used, t, &p, &c);
+            for d in d {
+                alerts.push((used, d.kind, d.phase));
             }
             if used >= 50 {
                 assert_eq!(s.level, "blocked");
+                assert_eq!(s.episodes.len(), 1);
             }
         }
         assert_eq!(
             alerts,
             [
-                (38, "cap_warning".to_string()),
-                (45, "cap_critical".into()),
-                (50, "blocked".into())
+                (38, "cap_warning".to_string(), "alert".to_string()),
+                (45, "cap_critical".into(), "alert".into()),
+                (50, "blocked".into(), "start".into())
             ]
         );
     }
@@ -341,19 +648,66 @@ mod tests {
     fn a_plan_upgrade_or_a_new_month_unblocks() {
         let (mut g, p, c) = setup();
         g.count(&c, T0, 10);
-        let (s, _) = g.evaluate("i", "free", 50, T0, &p, &c);
+        let (s, d) = eval(&mut g, "free", 50, T0, &p, &c);
         assert_eq!(s.level, "blocked");
-        let (s, d) = g.evaluate("i", "pro", 50, T0 + 1000, &p, &c);
+        let block = d.iter().find(|d| d.kind == "blocked").unwrap().clone();
+        let (s, d) = eval(&mut g, "pro", 50, T0 + 1000, &p, &c);
         assert_eq!(s.level, "ok");
         assert_eq!(kinds(&d), ["unblocked"]);
         assert!(d[0].reason.contains("plan pro"));
+        assert_eq!(d[0].episode_id.as_deref(), Some(block.decision_id.as_str()));
 
         let (mut g, p, c) = setup();
-        let (s, _) = g.evaluate("i", "free", 50, T0 - 1000, &p, &c); // 2025-11-30
+        let (s, _) = eval(&mut g, "free", 50, T0 - 1000, &p, &c); // 2025-11-30
         assert_eq!((s.level.as_str(), s.month.as_str()), ("blocked", "2025-11"));
-        let (s, d) = g.evaluate("i", "free", 1, T0 + 1000, &p, &c); // December: 1 used
+        let (s, d) = eval(&mut g, "free", 1, T0 + 1000, &p, &c); // December: 1 used
         assert_eq!((s.level.as_str(), s.month.as_str()), ("ok", "2025-12"));
         assert_eq!(kinds(&d), ["unblocked"]);
+        assert!(d[0].reason.contains("new month"));
+    }
+
+    #[test]
+    fn an_event_of_an_earlier_month_never_lifts_the_current_block() {
+        let (mut g, p, c) = setup();
+        let (s, _) = eval(&mut g, "free", 50, T0 + 3_600_000, &p, &c); // December, blocked
+        assert_eq!((s.level.as_str(), s.month.as_str()), ("blocked", "2025-12"));
+        // A November event (late within the billing grace): counted in
+        // November (its 3rd generation there), the state stays December's.
+        let (s, d) = g.evaluate(
+            Counted {
+                install_id: "i",
+                plan: "free",
+                at: T0 + 3_600_000,
+                received: T0 + 3_600_000,
+                month: "2025-11",
+                month_used: 3,
+            },
+            &p,
+            &c,
+        );
+        assert_eq!(
+            (s.level.as_str(), s.month.as_str(), s.monthly_used),
+            ("blocked", "2025-12", 50)
+        );
+        assert!(d.is_empty(), "{d:?}");
+        // An earlier period's own alerts are its own, and open no episode.
+        let (s, d) = g.evaluate(
+            Counted {
+                install_id: "i",
+                plan: "free",
+                at: T0 + 3_600_000,
+                received: T0 + 3_600_000,
+                month: "2025-11",
+                month_used: 45,
+            },
+            &p,
+            &c,
+        );
+        assert_eq!(s.level, "blocked");
+        assert_eq!(kinds(&d), ["cap_warning", "cap_critical"]);
+        assert!(d
+            .iter()
+            .all(|d| d.episode_id.is_none() && d.phase == "alert"));
     }
 
     #[test]
@@ -366,7 +720,7 @@ mod tests {
             for k in 0..2 {
                 let t = start + h * hour + k * 600_000;
                 g.count(&c, t, 100);
-                let (s, d) = g.evaluate("i", "agency", 1, t, &p, &c);
+                let (s, d) = eval(&mut g, "agency", 1, t, &p, &c);
                 assert!(!s.spike_flagged && d.is_empty(), "quiet hour {h}");
             }
         }
@@ -375,10 +729,10 @@ mod tests {
         for k in 0..60 {
             let t = T0 + k * 30_000;
             g.count(&c, t, 100);
-            let (_, d) = g.evaluate("i", "agency", 100 + k as u64, t, &p, &c);
+            let (_, d) = eval(&mut g, "agency", 100 + k as u64, t, &p, &c);
             flagged.extend(
                 d.into_iter()
-                    .filter(|d| d.kind == "spike_flagged")
+                    .filter(|d| d.kind == "spike_flagged" && d.phase == "start")
                     .map(|_| k),
             );
         }
@@ -394,13 +748,47 @@ mod tests {
         let run = || {
             let (mut g, p, c) = setup();
             let mut out = vec![];
-            for i in 0..120u64 {
+            for i in 0..400u64 {
                 let t = T0 + i as i64 * 700;
                 g.count(&c, t, 400);
-                out.push(g.evaluate("i", "free", i + 1, t, &p, &c));
+                out.push(eval(&mut g, "free", i + 1, t, &p, &c));
             }
             out
         };
-        assert_eq!(run(), run());
+        let first = run();
+        assert_eq!(first, run());
+        let decisions: usize = first.iter().map(|(_, d)| d.len()).sum();
+        assert!(decisions < 20, "{decisions} decisions for 400 events");
+    }
+
+    #[test]
+    fn a_restarted_owner_continues_the_published_episodes() {
+        let (mut g, p, c) = setup();
+        let mut first = vec![];
+        for i in 0..150 {
+            let t = T0 + i * 500;
+            g.count(&c, t, 1);
+            first.extend(eval(&mut g, "credits", 1, t, &p, &c).1);
+        }
+        let published = g.last.clone().unwrap();
+        // Another instance resumes from the published state: the episode
+        // goes on, it does not start again.
+        let mut h = Installation {
+            windows: g.windows.clone(),
+            last: Some(published),
+            ..Installation::default()
+        };
+        let t = T0 + 150 * 500;
+        h.count(&c, t, 1);
+        let (s, d) = eval(&mut h, "credits", 1, t, &p, &c);
+        assert!(d.iter().all(|d| d.phase != "start"), "{d:?}");
+        assert_eq!(
+            s.episodes[0].episode_id,
+            first
+                .iter()
+                .find(|d| d.phase == "start")
+                .unwrap()
+                .decision_id
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! The two compacted topics every processor instance follows into memory:
-//! the installation registry (each installation's plan) and the governance
+//! the installation registry (each installation's plan history) and the governance
 //! state it and its peers published (the last state of each installation,
 //! which a rebuilt installation resumes from).
 
@@ -15,10 +15,11 @@ fn key_str(key: Option<&[u8]>) -> Option<&str> {
     key.and_then(|k| std::str::from_utf8(k).ok())
 }
 
-/// Every installation's plan, followed from the registry topic by every
-/// processor instance; plan changes are sent to the engine to re-evaluate.
+/// Every installation's plan history, followed from the registry topic by
+/// every processor instance; changes of the plan in force are sent to the
+/// engine to re-evaluate.
 pub struct Plans {
-    plans: RwLock<HashMap<String, String>>,
+    records: RwLock<HashMap<String, Arc<RegistryRecord>>>,
     changes: tokio::sync::mpsc::UnboundedSender<String>,
     caught_up: AtomicBool,
 }
@@ -28,7 +29,7 @@ impl Plans {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (
             Arc::new(Self {
-                plans: RwLock::default(),
+                records: RwLock::default(),
                 changes: tx,
                 caught_up: Default::default(),
             }),
@@ -37,8 +38,7 @@ impl Plans {
     }
 
     /// Reports a plan change again after `delay`: acting on it failed, and
-    /// nothing else may wake the consumer for it (a blocked site sends
-    /// nothing the gateway accepts).
+    /// nothing else may wake the consumer for it (a blocked site may send nothing).
     pub fn retry_later(&self, install_id: String, delay: std::time::Duration) {
         let changes = self.changes.clone();
         tokio::spawn(async move {
@@ -47,12 +47,45 @@ impl Plans {
         });
     }
 
-    pub fn plan(&self, install_id: &str) -> Option<String> {
-        self.plans
+    fn record(&self, install_id: &str) -> Option<Arc<RegistryRecord>> {
+        self.records
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(install_id)
             .cloned()
+    }
+
+    /// The installation's plan now.
+    pub fn plan(&self, install_id: &str) -> Option<String> {
+        self.record(install_id).map(|r| r.plan.clone())
+    }
+
+    /// The plan in force at governance time `at`.
+    pub fn plan_at(&self, install_id: &str, at: i64) -> Option<String> {
+        self.record(install_id).map(|r| r.plan_at(at).to_string())
+    }
+
+    /// The latest plan change in `(after, upto]`: when, and to which plan.
+    pub fn change_between(&self, install_id: &str, after: i64, upto: i64) -> Option<(i64, String)> {
+        let record = self.record(install_id)?;
+        record
+            .plan_history
+            .iter()
+            .skip(1)
+            .rev()
+            .find(|p| p.since > after && p.since <= upto)
+            .map(|p| (p.since, p.plan.clone()))
+    }
+
+    /// When the current plan took effect.
+    pub fn current_since(&self, install_id: &str) -> Option<i64> {
+        let record = self.record(install_id)?;
+        Some(
+            record
+                .periods()
+                .last()
+                .map_or(record.updated_at, |p| p.since),
+        )
     }
 }
 
@@ -60,23 +93,27 @@ impl Table for Plans {
     fn apply(&self, key: Option<&[u8]>, value: Option<&[u8]>) {
         let Some(record) = value.and_then(|v| RegistryRecord::from_wire(v).ok()) else {
             if let Some(id) = key_str(key) {
-                self.plans
+                self.records
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(id);
             }
             return;
         };
-        let previous = self
-            .plans
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(record.install_id.clone(), record.plan.clone());
+        let id = record.install_id.clone();
+        let previous = {
+            let mut records = self.records.write().unwrap_or_else(|p| p.into_inner());
+            // The same record every gateway keeps (`Installation::supersedes`).
+            if records.get(&id).is_some_and(|r| !record.supersedes(r)) {
+                return;
+            }
+            records.insert(id.clone(), Arc::new(record.clone()))
+        };
         // The initial load is not a change: plan changes made while no
         // owner was listening are caught up on assignment instead (see
         // `Published::stale_plans`).
-        if self.is_caught_up() && previous.as_deref() != Some(record.plan.as_str()) {
-            let _ = self.changes.send(record.install_id);
+        if self.is_caught_up() && previous.is_some_and(|p| p.plan != record.plan) {
+            let _ = self.changes.send(id);
         }
     }
 

@@ -7,13 +7,18 @@
 //! With 10 s buckets, "100 requests in any 5 minutes" is evaluated over the
 //! 30 buckets ending with the current event's bucket.
 //!
-//! Time is the events' own `created_at`. Each installation has a watermark:
-//! the latest event time seen minus the grace period. An event at or after the
-//! watermark (on time, or late within the grace) is added to its bucket. An
-//! event before the watermark is *too late for the windows*: the decisions
-//! about that period have been taken, so it moves no window counter (it is
-//! counted in a metric). It is still stored and counted in every rollup and
-//! in the monthly cap, which come from ClickHouse, not from these windows.
+//! Time is governance time (`usage_service_kit::periods`): an event's
+//! `created_at` clamped to `[received_at - grace, received_at]`, so it
+//! follows the gateways' clocks, never a site's. Each installation has a
+//! watermark: the latest governance time seen minus the grace and the
+//! arrival skew (two gateways' events of one installation may reach its
+//! partition a little out of order). Since every event's time is at least
+//! its arrival minus the grace, an event arriving in order is never behind
+//! the watermark: no site can hide events from the windows by dating them
+//! early, nor push the watermark by dating one late. An event behind it
+//! (only possible after a stall longer than the skew) moves no window
+//! counter and is counted in a metric; it is still stored and counted in
+//! every rollup and in the monthly cap, which come from ClickHouse.
 
 use std::collections::BTreeMap;
 
@@ -134,15 +139,26 @@ impl Default for InstallationWindows {
     }
 }
 
-/// The two window shapes and the grace period, shared by every installation.
+/// The two window shapes and the clocks' slack, shared by every installation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowConfig {
     /// The rate-limit window (default 30 × 10 s = 5 minutes).
     pub short: WindowSpec,
     /// The abuse window (default 60 × 1 min = 1 hour).
     pub long: WindowSpec,
-    /// How late an event may be and still count in the windows.
+    /// How far before its arrival an event's `created_at` still counts as
+    /// is (`USAGE_GOVERNANCE_GRACE_MS`).
     pub grace_ms: i64,
+    /// How far out of arrival order events may reach the partition
+    /// (`USAGE_GOVERNANCE_ARRIVAL_SKEW_MS`).
+    pub skew_ms: i64,
+}
+
+impl WindowConfig {
+    /// How far behind the latest governance time the watermark trails.
+    pub fn lateness_ms(&self) -> i64 {
+        self.grace_ms + self.skew_ms
+    }
 }
 
 impl Default for WindowConfig {
@@ -157,6 +173,7 @@ impl Default for WindowConfig {
                 buckets: 60,
             },
             grace_ms: 60_000,
+            skew_ms: 10_000,
         }
     }
 }
@@ -171,7 +188,7 @@ pub enum Applied {
 
 impl InstallationWindows {
     pub fn watermark(&self, config: &WindowConfig) -> i64 {
-        self.max_event_time.saturating_sub(config.grace_ms)
+        self.max_event_time.saturating_sub(config.lateness_ms())
     }
 
     pub fn apply(&mut self, config: &WindowConfig, t: i64, tokens: u64) -> Applied {
@@ -215,7 +232,7 @@ mod tests {
 
     impl Oracle {
         fn apply(&mut self, c: &WindowConfig, t: i64, tokens: u64) {
-            if t < self.max.saturating_sub(c.grace_ms) {
+            if t < self.max.saturating_sub(c.lateness_ms()) {
                 return;
             }
             self.counted.push((t, tokens));
@@ -286,8 +303,8 @@ mod tests {
             for (t, tokens) in &events {
                 w.apply(&c, *t, *tokens);
                 // Window buckets plus the grace period's, plus the current one.
-                let max_short = c.short.buckets + c.grace_ms / c.short.bucket_ms + 2;
-                let max_long = c.long.buckets + c.grace_ms / c.long.bucket_ms + 2;
+                let max_short = c.short.buckets + c.lateness_ms() / c.short.bucket_ms + 2;
+                let max_long = c.long.buckets + c.lateness_ms() / c.long.bucket_ms + 2;
                 prop_assert!(w.short.len() as i64 <= max_short);
                 prop_assert!(w.long.len() as i64 <= max_long);
             }
@@ -328,8 +345,8 @@ mod tests {
         let c = cfg();
         let mut w = InstallationWindows::default();
         assert_eq!(w.apply(&c, 1_000_000, 1), Applied::Counted);
-        assert_eq!(w.apply(&c, 1_000_000 - 59_000, 1), Applied::Counted); // within grace
-        assert_eq!(w.apply(&c, 1_000_000 - 61_000, 1), Applied::TooLate);
+        assert_eq!(w.apply(&c, 1_000_000 - 69_000, 1), Applied::Counted); // within grace + skew
+        assert_eq!(w.apply(&c, 1_000_000 - 71_000, 1), Applied::TooLate);
         assert_eq!(w.short.window(&c.short, 1_000_000).requests, 2);
     }
 }

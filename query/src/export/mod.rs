@@ -5,6 +5,10 @@
 //! the optional filters `source`, `model`, `user_hash`. `group_by` is `day`
 //! (the contract's rows: one per day, user hash and source), `user`,
 //! `source`, `model` or `events` (raw events); `format` is `csv` or `jsonl`.
+//! JSON Lines always carry the overage (`over_limit_requests`,
+//! `over_limit_tokens`; `over_limit` per raw event); CSV keeps the
+//! contract's columns byte for byte unless `"include_over_limit": true`
+//! appends them.
 //!
 //! Grouped rows are rendered by ClickHouse (CSV fields quoted only when they
 //! must be, RFC 4180) and passed through in the chunks it sends; raw events
@@ -37,6 +41,8 @@ use raw_events::{RawEvent, Repeats};
 pub const CONTRACT_HEADER: &str =
     "Date,User Hash,Source,Requests,Prompt Tokens,Completion Tokens,Total Tokens,Cost USD";
 const MODEL_HEADER: &str = "Model,Requests,Prompt Tokens,Completion Tokens,Total Tokens,Cost USD";
+/// Appended to a CSV header with `include_over_limit`.
+const OVER_LIMIT_HEADER: &str = ",Over Limit Requests,Over Limit Tokens";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportGroup {
@@ -66,6 +72,8 @@ pub struct ExportBody {
     pub source: Option<String>,
     pub model: Option<String>,
     pub user_hash: Option<String>,
+    /// CSV: append the over-limit columns to the contract's.
+    pub include_over_limit: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +83,7 @@ pub struct ExportParams {
     pub group_by: ExportGroup,
     pub format: Format,
     pub filters: Filters,
+    pub include_over_limit: bool,
 }
 
 impl ExportParams {
@@ -119,6 +128,7 @@ impl ExportParams {
             group_by,
             format,
             filters: Filters::parse(&query)?,
+            include_over_limit: body.include_over_limit.unwrap_or(false),
         })
     }
 }
@@ -146,8 +156,9 @@ fn keys(group: ExportGroup) -> &'static [(&'static str, &'static str)] {
     }
 }
 
-/// The sums of a rollup export: (output name, inner alias, aggregate).
-const SUMS: [(&str, &str, &str); 5] = [
+/// The sums of a rollup export: (output name, inner alias, aggregate). The
+/// contract's CSV has the first five.
+const SUMS: [(&str, &str, &str); 7] = [
     ("total_requests", "s_requests", "sum(requests)"),
     ("prompt_tokens", "s_prompt", "sum(prompt_tokens)"),
     (
@@ -157,7 +168,14 @@ const SUMS: [(&str, &str, &str); 5] = [
     ),
     ("total_tokens", "s_total", "sum(total_tokens)"),
     ("estimated_cost_usd", "s_cost", "sum(cost_usd)"),
+    ("over_limit_requests", "s_over", "sum(over_limit_requests)"),
+    (
+        "over_limit_tokens",
+        "s_over_tokens",
+        "sum(over_limit_tokens)",
+    ),
 ];
+const CONTRACT_SUMS: usize = 5;
 
 /// The grouped, ordered rollup rows the export is made of.
 fn rollup(group: ExportGroup, filter: &str) -> String {
@@ -182,7 +200,7 @@ fn rollup(group: ExportGroup, filter: &str) -> String {
 /// The SELECT producing one CSV line per grouped row (`csv`) or one JSON
 /// object per row (`jsonl`), and the CSV header. Raw events are rendered
 /// in [`raw_events`] instead.
-fn sql(params: &ExportParams, filter: &str) -> (String, &'static str) {
+fn sql(params: &ExportParams, filter: &str) -> (String, String) {
     let group = params.group_by;
     let rows = rollup(group, filter);
     match params.format {
@@ -205,11 +223,20 @@ fn sql(params: &ExportParams, filter: &str) -> (String, &'static str) {
                     CONTRACT_HEADER,
                 )
             };
-            let sums: Vec<String> = SUMS
+            let sums_shown = if params.include_over_limit {
+                SUMS.len()
+            } else {
+                CONTRACT_SUMS
+            };
+            let sums: Vec<String> = SUMS[..sums_shown]
                 .iter()
                 .map(|(_, alias, _)| format!("toString({alias})"))
                 .collect();
             let fields: Vec<String> = dimensions.into_iter().chain(sums).collect();
+            let mut header = header.to_string();
+            if params.include_over_limit {
+                header.push_str(OVER_LIMIT_HEADER);
+            }
             (
                 format!("SELECT concat({}) FROM ({rows})", fields.join(", ',', ")),
                 header,
@@ -224,7 +251,10 @@ fn sql(params: &ExportParams, filter: &str) -> (String, &'static str) {
                         .map(|(name, alias, _)| format!("{alias} AS {name}")),
                 )
                 .collect();
-            (format!("SELECT {} FROM ({rows})", columns.join(", ")), "")
+            (
+                format!("SELECT {} FROM ({rows})", columns.join(", ")),
+                String::new(),
+            )
         }
     }
 }
@@ -342,13 +372,17 @@ async fn start_raw_events(
     let client = client.clone().with_validation(false);
     let mut cursor = bind_scoped(client.query(&select), &params.range, scope, &params.filters)
         .fetch::<RawEvent<'static>>()?;
-    let write = match params.format {
-        Format::Csv => raw_events::write_csv,
-        Format::JsonLines => raw_events::write_json_line,
+    let write = match (params.format, params.include_over_limit) {
+        (Format::Csv, false) => raw_events::write_csv,
+        (Format::Csv, true) => raw_events::write_csv_with_over_limit,
+        (Format::JsonLines, _) => raw_events::write_json_line,
     };
     let mut out = BytesMut::with_capacity(2 * CHUNK_BYTES);
     if params.format == Format::Csv {
         out.put_slice(raw_events::CSV_HEADER.as_bytes());
+        if params.include_over_limit {
+            out.put_slice(b",Over Limit");
+        }
         out.put_u8(b'\n');
     }
     let mut repeats = Repeats::default();

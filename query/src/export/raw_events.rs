@@ -19,7 +19,8 @@ use serde::Deserialize;
 /// by position; no alias, so that none shadows a column the filters use).
 pub const COLUMNS: &str = "event_id, install_id, user_hash, toString(source),
     toString(model), prompt_tokens, completion_tokens, total_tokens, cost_usd,
-    toUnixTimestamp64Milli(created_at), toUnixTimestamp64Milli(processed_at)";
+    toUnixTimestamp64Milli(created_at), toUnixTimestamp64Milli(processed_at),
+    toString(over_limit)";
 
 /// The table's sorting key: no sort is needed, and copies are adjacent.
 pub const ORDER: &str = "ORDER BY install_id, toDate(created_at), event_id";
@@ -44,6 +45,8 @@ pub struct RawEvent<'a> {
     pub cost_usd: i64,
     pub created_ms: i64,
     pub processed_ms: Option<i64>,
+    /// Why it arrived over a limit; empty when it did not.
+    pub over_limit: &'a str,
 }
 
 /// Recognises a row that repeats the one before it (see the module docs).
@@ -71,6 +74,15 @@ impl Repeats {
         self.install.push_str(e.install_id);
         false
     }
+}
+
+/// One CSV line with the over-limit reason appended.
+pub fn write_csv_with_over_limit(out: &mut BytesMut, e: &RawEvent<'_>) {
+    write_csv(out, e);
+    out.truncate(out.len() - 1);
+    out.put_u8(b',');
+    csv_field(out, e.over_limit);
+    out.put_u8(b'\n');
 }
 
 /// One CSV line (RFC 4180: a field is quoted only when it must be).
@@ -127,6 +139,12 @@ pub fn write_json_line(out: &mut BytesMut, e: &RawEvent<'_>) {
             out.put_u8(b'"');
         }
         None => out.put_slice(b"null"),
+    }
+    out.put_slice(b",\"over_limit\":");
+    if e.over_limit.is_empty() {
+        out.put_slice(b"null");
+    } else {
+        json_string(out, e.over_limit);
     }
     out.put_slice(b"}\n");
 }
@@ -244,6 +262,7 @@ mod tests {
             cost_usd: 37_500_000,
             created_ms,
             processed_ms: None,
+            over_limit: "",
         }
     }
 
@@ -289,6 +308,11 @@ mod tests {
             text(|o| write_csv(o, &e)),
             "evt_1,inst_1,u1,inline,\"a,\"\"b\"\"\",150,25,175,0.0000375,2025-11-03T10:30:00.000Z,2025-11-03T10:30:00.001Z\n"
         );
+        e.over_limit = "plan_limit_reached";
+        assert_eq!(
+            text(|o| write_csv_with_over_limit(o, &e)),
+            "evt_1,inst_1,u1,inline,\"a,\"\"b\"\"\",150,25,175,0.0000375,2025-11-03T10:30:00.000Z,2025-11-03T10:30:00.001Z,plan_limit_reached\n"
+        );
     }
 
     #[test]
@@ -304,9 +328,13 @@ mod tests {
                 "event_id": "evt_\"1", "install_id": "inst_1", "user_hash": "u1",
                 "source": "inline", "model": "gpt-4o-mini", "prompt_tokens": 150,
                 "completion_tokens": 25, "total_tokens": 175, "estimated_cost_usd": 0.0000375,
-                "created_at": "2025-11-03T10:30:00.000Z", "processed_at": "2025-11-03T10:30:00.001Z"
+                "created_at": "2025-11-03T10:30:00.000Z", "processed_at": "2025-11-03T10:30:00.001Z",
+                "over_limit": null
             })
         );
+        e.over_limit = "rate_limited";
+        let v: serde_json::Value = serde_json::from_str(&text(|o| write_json_line(o, &e))).unwrap();
+        assert_eq!(v["over_limit"], "rate_limited");
         e.processed_ms = None;
         let v: serde_json::Value = serde_json::from_str(&text(|o| write_json_line(o, &e))).unwrap();
         assert_eq!(v["processed_at"], serde_json::Value::Null);

@@ -1,4 +1,6 @@
-//! The governance rules as configuration: limits, plans and thresholds.
+//! The governance rules as configuration: limits, plans and thresholds,
+//! read the same way by the processors (which decide) and the gateways
+//! (which admit generations and mark what arrives over a limit).
 //!
 //! Defaults are the plugin contract's; every value can be overridden per
 //! plan from a JSON file (`USAGE_GOVERNANCE_CONFIG`), e.g.
@@ -10,7 +12,58 @@
 
 use std::collections::BTreeMap;
 
+use clap::Args;
 use serde::{Deserialize, Serialize};
+
+/// The governance settings every gateway and processor must share.
+#[derive(Debug, Clone, Args)]
+pub struct GovernanceArgs {
+    /// JSON file overriding the governance policy (limits per plan,
+    /// thresholds); without it, the contract's defaults apply. Gateways and
+    /// processors must read the same file.
+    #[arg(long = "governance-config", env = "USAGE_GOVERNANCE_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// How far behind its arrival (the gateway's received_at) an event's
+    /// created_at still counts as is in the rate and abuse windows, in ms;
+    /// an older created_at counts at received_at minus this, a future one
+    /// at received_at. The windows keep this much history per active
+    /// installation (at most 7 days, for tests that replay old traffic).
+    #[arg(
+        long = "governance-grace-ms",
+        env = "USAGE_GOVERNANCE_GRACE_MS",
+        default_value_t = 60_000,
+        value_parser = clap::value_parser!(i64).range(0..=604_800_000)
+    )]
+    pub grace_ms: i64,
+    /// How long after a month has closed an event created in it still
+    /// counts toward it for caps and billing, in hours; later, it counts
+    /// toward the month it arrived in (and keeps its created_at for reports).
+    #[arg(
+        long = "billing-late-grace-hours",
+        env = "USAGE_BILLING_LATE_GRACE_HOURS",
+        default_value_t = 48,
+        value_parser = clap::value_parser!(i64).range(0..=720)
+    )]
+    pub late_grace_hours: i64,
+}
+
+impl GovernanceArgs {
+    /// The policy: the defaults, with the overrides of the configured file.
+    pub fn policy(&self) -> Result<Policy, PolicyError> {
+        let Some(path) = &self.config else {
+            return Ok(Policy::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Invalid {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Policy::from_json(&path.display().to_string(), &text)
+    }
+
+    pub fn late_grace_ms(&self) -> i64 {
+        self.late_grace_hours * 3_600_000
+    }
+}
 
 /// Limits for one plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,6 +227,17 @@ impl Policy {
 
     pub fn plan(&self, plan: &str) -> &PlanPolicy {
         self.plans.get(plan).unwrap_or(&self.default_plan)
+    }
+
+    /// Whether `plan` is one of the policy's plans (the contract's four,
+    /// and any the configuration adds).
+    pub fn knows(&self, plan: &str) -> bool {
+        self.plans.contains_key(plan)
+    }
+
+    /// The plans, for messages.
+    pub fn plan_names(&self) -> String {
+        self.plans.keys().cloned().collect::<Vec<_>>().join(", ")
     }
 
     /// The generation counts at which each level starts for `cap`

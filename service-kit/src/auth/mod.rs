@@ -6,23 +6,29 @@
 //! Each key is pinned to its algorithm: an HS256 token is checked with the
 //! secret only and an RS256 token with the public key only, so a token cannot
 //! pick its own algorithm (no "alg: none", no public key used as an HMAC
-//! secret). `USAGE_JWT_RS256_ONLY` refuses HS256 altogether. Claims:
+//! secret). `USAGE_JWT_RS256_ONLY` refuses HS256 altogether. Claims
+//! (what each permission allows: `claims`):
 //!
 //! | claim | meaning |
 //! | --- | --- |
 //! | `sub` | who: a user or service id |
-//! | `role` | `provider_admin`, `account`, `network_admin`, `site_admin` or `user` |
-//! | `account_id` | the account (`acc_...`); required for every role but `provider_admin` |
+//! | `role` | `provider_admin`, `service`, `account` (the default), `network_admin`, `site_admin` or `user` |
+//! | `account_id` | the account (`acc_...` or a number, as a string or a JSON number); required for every role but `provider_admin` and `service`; `USAGE_JWT_ACCOUNT_CLAIM` names another claim (e.g. `id` or `sub`) |
+//! | `scope` | the permissions, space-separated (or a JSON array); without it, the role's defaults |
 //! | `install_ids` | for `site_admin`/`user`: the installations they may see |
 //! | `user_hash` | for `user`: their own user hash |
-//! | `exp` | expiry, unix seconds (required) |
+//! | `exp` | expiry, unix seconds (required); at most `USAGE_JWT_MAX_LIFETIME_SECS` after `iat` (or now) |
 //! | `nbf`, `iat` | optional, unix seconds |
+//! | `iss`, `aud` | checked against `USAGE_JWT_ISSUER` / `USAGE_JWT_AUDIENCE` when those are set |
+
+mod claims;
+
+pub use claims::{id_text, ClaimRules, Claims, Permission, Role};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use clap::Args;
 use hmac::{Hmac, KeyInit, Mac};
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -54,6 +60,28 @@ pub struct JwtArgs {
         requires = "public_key_file"
     )]
     pub rs256_only: bool,
+    /// The claim that carries the account id: `account_id`, or e.g. `id` or
+    /// `sub` for tokens of the plugin's original account system.
+    #[arg(
+        long = "jwt-account-claim",
+        env = "USAGE_JWT_ACCOUNT_CLAIM",
+        default_value = "account_id"
+    )]
+    pub account_claim: String,
+    /// The `iss` every token must carry (unchecked when unset).
+    #[arg(long = "jwt-issuer", env = "USAGE_JWT_ISSUER")]
+    pub issuer: Option<String>,
+    /// The `aud` every token must carry (unchecked when unset).
+    #[arg(long = "jwt-audience", env = "USAGE_JWT_AUDIENCE")]
+    pub audience: Option<String>,
+    /// Longest token lifetime accepted, in seconds (`exp` minus `iat`, or
+    /// minus now): a token that leaks from a site stops working within it.
+    #[arg(
+        long = "jwt-max-lifetime-secs",
+        env = "USAGE_JWT_MAX_LIFETIME_SECS",
+        default_value_t = 366 * 86_400
+    )]
+    pub max_lifetime_secs: i64,
 }
 
 impl std::fmt::Debug for JwtArgs {
@@ -67,6 +95,10 @@ impl std::fmt::Debug for JwtArgs {
             .field("secret", &shown)
             .field("public_key_file", &self.public_key_file)
             .field("rs256_only", &self.rs256_only)
+            .field("account_claim", &self.account_claim)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("max_lifetime_secs", &self.max_lifetime_secs)
             .finish()
     }
 }
@@ -90,40 +122,12 @@ impl JwtArgs {
                 .with_rs256_public_key(&pem)
                 .map_err(|e| format!("JWT public key {}: {e}", path.display()))?;
         }
-        Ok(verifier)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    ProviderAdmin,
-    Account,
-    NetworkAdmin,
-    SiteAdmin,
-    User,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
-    pub sub: String,
-    pub role: Role,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub account_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub install_ids: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_hash: Option<String>,
-    pub exp: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbf: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<i64>,
-}
-
-impl Claims {
-    pub fn is_admin(&self) -> bool {
-        self.role == Role::ProviderAdmin
+        Ok(verifier.with_rules(ClaimRules {
+            account_claim: self.account_claim.clone(),
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            max_lifetime_secs: Some(self.max_lifetime_secs),
+        }))
     }
 }
 
@@ -145,7 +149,7 @@ pub enum JwtError {
     Claims(String),
 }
 
-#[derive(Deserialize)]
+#[derive(serde::Deserialize)]
 struct Header {
     alg: String,
 }
@@ -158,6 +162,7 @@ pub struct JwtVerifier {
     key: Option<Vec<u8>>,
     /// The RS256 public key, if RS256 is accepted.
     rsa: Option<RsaVerifyingKey>,
+    rules: ClaimRules,
 }
 
 impl JwtVerifier {
@@ -166,6 +171,7 @@ impl JwtVerifier {
         Self {
             key: Some(secret.to_vec()),
             rsa: None,
+            rules: ClaimRules::default(),
         }
     }
 
@@ -174,7 +180,15 @@ impl JwtVerifier {
         Self {
             key: None,
             rsa: None,
+            rules: ClaimRules::default(),
         }
+    }
+
+    /// Reads claims with these rules (account claim, issuer, audience,
+    /// lifetime) instead of the defaults.
+    pub fn with_rules(mut self, rules: ClaimRules) -> Self {
+        self.rules = rules;
+        self
     }
 
     /// Also accepts RS256 tokens verified with this PEM public key.
@@ -230,25 +244,22 @@ impl JwtVerifier {
             }
             _ => return Err(JwtError::Algorithm),
         }
-        let claims: Claims = decode_json(p)?;
-        if claims.exp + LEEWAY_SECS < now {
-            return Err(JwtError::Expired);
-        }
-        if claims.nbf.is_some_and(|nbf| nbf - LEEWAY_SECS > now) {
-            return Err(JwtError::NotYetValid);
-        }
-        if claims.role != Role::ProviderAdmin && claims.account_id.is_none() {
-            return Err(JwtError::Claims("account_id is required".into()));
-        }
-        Ok(claims)
+        let payload: serde_json::Map<String, serde_json::Value> = decode_json(p)?;
+        self.rules.read(&payload, now)
     }
 
     /// Issues an HS256 token (tests, the load generator, `usagectl token`).
     /// A verifier without an HMAC secret signs with an empty key, which no
     /// verifier with a secret accepts.
     pub fn sign(&self, claims: &Claims) -> String {
+        self.sign_payload(claims)
+    }
+
+    /// Issues an HS256 token with any payload (e.g. the claims of another
+    /// account system: a numeric `id`, no `role`).
+    pub fn sign_payload(&self, payload: &impl serde::Serialize) -> String {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(payload).unwrap_or_default());
         let mut mac = Self::mac(self.key.as_deref().unwrap_or_default());
         mac.update(header.as_bytes());
         mac.update(b".");
@@ -279,6 +290,7 @@ mod tests {
             exp,
             nbf: None,
             iat: None,
+            ..Default::default()
         }
     }
 
@@ -312,8 +324,8 @@ mod tests {
         assert_eq!(JwtVerifier::new(b"k").sign(&same), token);
     }
 
-    const RSA_PUBLIC: &str = include_str!("../testdata/jwt-rs256-test-public.pem");
-    const RSA_PRIVATE: &str = include_str!("../testdata/jwt-rs256-test-private.pem");
+    const RSA_PUBLIC: &str = include_str!("../../testdata/jwt-rs256-test-public.pem");
+    const RSA_PRIVATE: &str = include_str!("../../testdata/jwt-rs256-test-private.pem");
 
     /// Signs RS256 as an account system would (PKCS#1 v1.5, SHA-256).
     fn sign_rs256(claims: &Claims) -> String {
@@ -337,7 +349,7 @@ mod tests {
 
     #[test]
     fn an_rs256_token_made_with_openssl_verifies_with_the_public_key() {
-        let token = include_str!("../testdata/openssl-rs256-token.txt").trim();
+        let token = include_str!("../../testdata/openssl-rs256-token.txt").trim();
         let v = JwtVerifier::new(b"k")
             .with_rs256_public_key(RSA_PUBLIC)
             .unwrap();
@@ -407,6 +419,10 @@ mod tests {
             secret: "s".into(),
             public_key_file: Some(path.clone()),
             rs256_only: true,
+            account_claim: "account_id".into(),
+            issuer: None,
+            audience: None,
+            max_lifetime_secs: 86_400,
         };
         let v = args.verifier().unwrap();
         let c = claims(Role::Account, Some("acc_1"), 2_000);

@@ -1,0 +1,529 @@
+//! What this gateway accepted or admitted that the installation's published
+//! state has not counted yet, so that its admission checks and over-limit
+//! marks do not wait for the processors.
+//!
+//! The published state (from the processors, ~0.3 s behind) counts the
+//! events up to its `received_through`. On top of it, per installation:
+//! - **accepted**: batches this gateway stored after that mark (by billing
+//!   month), dropped once a state counts them;
+//! - **admitted**: generations `POST /api/usage/admit` allowed that no event
+//!   has reported yet. Each event this gateway accepts pays the oldest of
+//!   them off (it reports a generation that was admitted), so a generation
+//!   is never counted twice, as admitted and as accepted; one that is never
+//!   reported (the generation failed) expires after the hold
+//!   (`USAGE_ADMIT_HOLD_SECS`).
+//!
+//! Every check and the reservation it makes happen under the installation's
+//! lock, so on one gateway concurrent admissions never overshoot a cap by
+//! more than the configured slack. Gateways do not share these counts:
+//! with G gateways behind a balancer, each may admit up to the remaining
+//! generations before the processors' state reaches it (see BENCHMARKS.md).
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+
+use usage_schemas::GovernanceState;
+use usage_service_kit::periods;
+use usage_service_kit::policy::PlanPolicy;
+
+/// The contract's rate-limit window.
+pub const RATE_WINDOW_MS: i64 = 300_000;
+/// The abuse window.
+const ABUSE_WINDOW_MS: i64 = 3_600_000;
+const SHARDS: usize = 64;
+
+/// Why an event arrived over a limit (the raw event's `over_limit`).
+pub const PLAN_LIMIT_REACHED: &str = "plan_limit_reached";
+pub const RATE_LIMITED: &str = "rate_limited";
+pub const ABUSE_FLAGGED: &str = "abuse_flagged";
+
+struct Accepted {
+    received_at: i64,
+    month: String,
+    events: u64,
+    tokens: u64,
+}
+
+struct Admitted {
+    at: i64,
+    generations: u64,
+    tokens: u64,
+}
+
+#[derive(Default)]
+struct Pending {
+    accepted: VecDeque<Accepted>,
+    admitted: VecDeque<Admitted>,
+    touched: i64,
+}
+
+impl Pending {
+    /// Forgets what `state` counts, and admissions held longer than `hold_ms`.
+    fn reconcile(&mut self, state: Option<&GovernanceState>, now: i64, hold_ms: i64) {
+        self.touched = now;
+        if let Some(s) = state {
+            self.accepted.retain(|a| a.received_at > s.received_through);
+        }
+        while self.admitted.front().is_some_and(|a| a.at < now - hold_ms) {
+            self.admitted.pop_front();
+        }
+    }
+
+    /// `events` reported generations pay off the oldest admissions.
+    fn pay_off(&mut self, mut events: u64) {
+        while events > 0 {
+            let Some(front) = self.admitted.front_mut() else {
+                return;
+            };
+            let paid = front.generations.min(events);
+            front.generations -= paid;
+            events -= paid;
+            if front.generations == 0 {
+                self.admitted.pop_front();
+            }
+        }
+    }
+
+    fn accepted_in(&self, month: &str) -> u64 {
+        self.accepted
+            .iter()
+            .filter(|a| a.month == month)
+            .map(|a| a.events)
+            .sum()
+    }
+
+    fn admitted_generations(&self) -> u64 {
+        self.admitted.iter().map(|a| a.generations).sum()
+    }
+
+    /// Requests and tokens accepted or admitted within the rate window.
+    fn recent(&self, now: i64) -> (u64, u64) {
+        let from = now - RATE_WINDOW_MS;
+        let accepted = self
+            .accepted
+            .iter()
+            .filter(|a| a.received_at > from)
+            .fold((0, 0), |(r, t), a| (r + a.events, t + a.tokens));
+        self.admitted
+            .iter()
+            .filter(|a| a.at > from)
+            .fold(accepted, |(r, t), a| (r + a.generations, t + a.tokens))
+    }
+}
+
+/// The usage a check starts from: the state's, and this gateway's pending.
+struct Usage {
+    /// Generations of the current month (state + accepted since).
+    used: u64,
+    admitted: u64,
+    window_requests: u64,
+    window_tokens: u64,
+    rate_limited_until: Option<i64>,
+    abuse_flagged: bool,
+}
+
+fn usage(p: &Pending, state: Option<&GovernanceState>, now: i64) -> Usage {
+    let month = periods::month_key(periods::month_start(now));
+    let fresh = |window: i64| state.filter(|s| now - s.as_of < window);
+    let (recent_requests, recent_tokens) = p.recent(now);
+    Usage {
+        used: state
+            .filter(|s| s.month == month)
+            .map_or(0, |s| u64::try_from(s.monthly_used).unwrap_or(0))
+            + p.accepted_in(&month),
+        admitted: p.admitted_generations(),
+        window_requests: fresh(RATE_WINDOW_MS)
+            .map_or(0, |s| u64::try_from(s.window_requests).unwrap_or(0))
+            + recent_requests,
+        window_tokens: fresh(RATE_WINDOW_MS)
+            .map_or(0, |s| u64::try_from(s.window_tokens).unwrap_or(0))
+            + recent_tokens,
+        rate_limited_until: state
+            .and_then(|s| s.rate_limited_until)
+            .filter(|u| *u > now),
+        abuse_flagged: fresh(ABUSE_WINDOW_MS).is_some_and(|s| s.abuse_flagged),
+    }
+}
+
+/// An admission check's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub allowed: bool,
+    pub reason: Option<&'static str>,
+    pub retry_after_secs: Option<u64>,
+}
+
+fn secs_until(until: i64, now: i64) -> u64 {
+    u64::try_from((until - now + 999) / 1000)
+        .unwrap_or(0)
+        .max(1)
+}
+
+pub struct Ledger {
+    shards: Vec<Mutex<HashMap<String, Pending>>>,
+    hold_ms: i64,
+    slack: u64,
+}
+
+impl Ledger {
+    /// `hold_ms`: how long an admission waits to be reported; `slack`:
+    /// generations an admission may go past a cap.
+    pub fn new(hold_ms: i64, slack: u64) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hold_ms,
+            slack,
+        }
+    }
+
+    fn with<T>(
+        &self,
+        install_id: &str,
+        state: Option<&GovernanceState>,
+        now: i64,
+        f: impl FnOnce(&mut Pending) -> T,
+    ) -> T {
+        let mut h = DefaultHasher::new();
+        install_id.hash(&mut h);
+        let shard = &self.shards[(h.finish() as usize) % SHARDS];
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = map.entry(install_id.to_string()).or_default();
+        pending.reconcile(state, now, self.hold_ms);
+        f(pending)
+    }
+
+    /// The over-limit mark of each event of a batch about to be stored
+    /// (`events`: each one's billing month and tokens, in order), and the
+    /// batch recorded as accepted. Marks say what was already so when the
+    /// event arrived: a plan used up, a full rate window, an abuse flag.
+    pub fn accept(
+        &self,
+        install_id: &str,
+        state: Option<&GovernanceState>,
+        plan: &PlanPolicy,
+        events: &[(String, u64)],
+        now: i64,
+    ) -> Vec<Option<&'static str>> {
+        self.with(install_id, state, now, |p| {
+            p.pay_off(events.len() as u64);
+            let u = usage(p, state, now);
+            let month = periods::month_key(periods::month_start(now));
+            let (mut used, mut requests, mut tokens) = (u.used, u.window_requests, u.window_tokens);
+            let marks = events
+                .iter()
+                .map(|(event_month, event_tokens)| {
+                    if *event_month == month {
+                        used += 1;
+                    }
+                    requests += 1;
+                    tokens += event_tokens;
+                    if *event_month == month && plan.monthly_cap.is_some_and(|cap| used > cap) {
+                        Some(PLAN_LIMIT_REACHED)
+                    } else if u.rate_limited_until.is_some()
+                        || requests > plan.rate_requests
+                        || tokens > plan.rate_tokens
+                    {
+                        Some(RATE_LIMITED)
+                    } else if u.abuse_flagged {
+                        Some(ABUSE_FLAGGED)
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            let mut by_month: Vec<(&str, u64, u64)> = Vec::new();
+            for (m, t) in events {
+                match by_month.iter_mut().find(|(bm, _, _)| *bm == m.as_str()) {
+                    Some(entry) => {
+                        entry.1 += 1;
+                        entry.2 += t;
+                    }
+                    None => by_month.push((m, 1, *t)),
+                }
+            }
+            for (m, n, t) in by_month {
+                p.accepted.push_back(Accepted {
+                    received_at: now,
+                    month: m.to_string(),
+                    events: n,
+                    tokens: t,
+                });
+            }
+            marks
+        })
+    }
+
+    /// Whether `generations` more (of `tokens` in all) may be generated now,
+    /// reserving them when they may.
+    pub fn admit(
+        &self,
+        install_id: &str,
+        state: Option<&GovernanceState>,
+        plan: &PlanPolicy,
+        generations: u64,
+        tokens: u64,
+        now: i64,
+    ) -> Admission {
+        let slack = self.slack;
+        self.with(install_id, state, now, |p| {
+            let u = usage(p, state, now);
+            let deny = |reason, until: i64| Admission {
+                allowed: false,
+                reason: Some(reason),
+                retry_after_secs: Some(secs_until(until, now)),
+            };
+            if let Some(cap) = plan.monthly_cap {
+                if u.used + u.admitted + generations > cap + slack {
+                    return deny(PLAN_LIMIT_REACHED, periods::next_month_start_ms(now));
+                }
+            }
+            if let Some(until) = u.rate_limited_until {
+                return deny(RATE_LIMITED, until);
+            }
+            if u.window_requests + generations > plan.rate_requests
+                || u.window_tokens + tokens > plan.rate_tokens
+            {
+                // The oldest of what fills the window leaves it within one
+                // rate window at most; the processors' state says exactly
+                // when as soon as it comes.
+                let oldest = state
+                    .filter(|s| now - s.as_of < RATE_WINDOW_MS && s.window_requests > 0)
+                    .map(|s| s.as_of)
+                    .or_else(|| p.accepted.front().map(|a| a.received_at))
+                    .or_else(|| p.admitted.front().map(|a| a.at))
+                    .unwrap_or(now);
+                return deny(RATE_LIMITED, oldest + RATE_WINDOW_MS);
+            }
+            p.admitted.push_back(Admitted {
+                at: now,
+                generations,
+                tokens,
+            });
+            Admission {
+                allowed: true,
+                reason: None,
+                retry_after_secs: None,
+            }
+        })
+    }
+
+    /// This month's generations as far as this gateway knows (the state's
+    /// and what it accepted since), and the admitted ones not yet reported.
+    pub fn pending(
+        &self,
+        install_id: &str,
+        state: Option<&GovernanceState>,
+        now: i64,
+    ) -> (u64, u64) {
+        self.with(install_id, state, now, |p| {
+            let u = usage(p, state, now);
+            (u.used, u.admitted)
+        })
+    }
+
+    /// Forgets installations with nothing pending and no activity for
+    /// `idle_ms`: memory follows the active installations.
+    pub fn sweep(&self, now: i64, idle_ms: i64) -> usize {
+        let mut dropped = 0;
+        for shard in &self.shards {
+            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let before = map.len();
+            map.retain(|_, p| {
+                now - p.touched < idle_ms || !p.accepted.is_empty() || !p.admitted.is_empty()
+            });
+            dropped += before - map.len();
+        }
+        dropped
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use usage_service_kit::policy::Policy;
+
+    const NOW: i64 = 1_764_590_400_000; // 2025-12-01T12:00:00Z
+    const DEC: &str = "2025-12";
+
+    fn state(used: i64, received_through: i64) -> GovernanceState {
+        GovernanceState {
+            install_id: "i".into(),
+            plan: "free".into(),
+            month: DEC.into(),
+            monthly_used: used,
+            monthly_cap: Some(50),
+            level: "ok".into(),
+            rate_limited_until: None,
+            rate_limit_reason: None,
+            abuse_flagged: false,
+            abuse_reason: None,
+            spike_flagged: false,
+            window_requests: 0,
+            window_tokens: 0,
+            hour_requests: 0,
+            hour_tokens: 0,
+            rate_requests_limit: 100,
+            rate_tokens_limit: 50_000,
+            as_of: received_through,
+            received_through,
+            episodes: vec![],
+        }
+    }
+
+    fn free() -> PlanPolicy {
+        Policy::default().plan("free").clone()
+    }
+
+    #[test]
+    fn events_past_the_cap_are_marked_even_before_the_state_says_so() {
+        let l = Ledger::new(120_000, 0);
+        let s = state(48, NOW - 1000);
+        let batch: Vec<(String, u64)> = (0..4).map(|_| (DEC.to_string(), 10)).collect();
+        let marks = l.accept("i", Some(&s), &free(), &batch, NOW);
+        assert_eq!(
+            marks,
+            [
+                None,
+                None,
+                Some(PLAN_LIMIT_REACHED),
+                Some(PLAN_LIMIT_REACHED)
+            ]
+        );
+        // The next batch starts from 52 until a state counts these.
+        let marks = l.accept("i", Some(&s), &free(), &batch[..1], NOW + 10);
+        assert_eq!(marks, [Some(PLAN_LIMIT_REACHED)]);
+        assert_eq!(l.pending("i", Some(&s), NOW + 20), (53, 0));
+        // A state that counted them: nothing pending on top of it.
+        let counted = state(53, NOW + 10);
+        assert_eq!(l.pending("i", Some(&counted), NOW + 30), (53, 0));
+    }
+
+    #[test]
+    fn an_event_billed_to_an_earlier_month_does_not_use_this_months_cap() {
+        let l = Ledger::new(120_000, 0);
+        let s = state(50, NOW - 1000);
+        let marks = l.accept("i", Some(&s), &free(), &[("2025-11".into(), 10)], NOW);
+        assert_eq!(marks, [None]);
+    }
+
+    #[test]
+    fn rate_windows_and_flags_mark_what_arrives_over_them() {
+        let l = Ledger::new(120_000, 0);
+        let mut s = state(0, NOW - 1000);
+        s.window_requests = 99;
+        let marks = l.accept(
+            "i",
+            Some(&s),
+            &Policy::default().plan("credits").clone(),
+            &[(DEC.into(), 1), (DEC.into(), 1)],
+            NOW,
+        );
+        assert_eq!(marks, [None, Some(RATE_LIMITED)]);
+        let mut s = state(0, NOW + 5);
+        s.abuse_flagged = true;
+        let marks = l.accept("j", Some(&s), &free(), &[(DEC.into(), 1)], NOW + 10);
+        assert_eq!(marks, [Some(ABUSE_FLAGGED)]);
+    }
+
+    #[test]
+    fn concurrent_admissions_stop_at_the_cap() {
+        let l = std::sync::Arc::new(Ledger::new(120_000, 0));
+        let s = std::sync::Arc::new(state(45, NOW - 1000));
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let (l, s) = (l.clone(), s.clone());
+                std::thread::spawn(move || {
+                    (0..50)
+                        .filter(|_| l.admit("i", Some(&s), &free(), 1, 100, NOW).allowed)
+                        .count()
+                })
+            })
+            .collect();
+        let allowed: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(allowed, 5, "45 used of 50: exactly 5 more");
+        let denied = l.admit("i", Some(&s), &free(), 1, 100, NOW);
+        assert_eq!(denied.reason, Some(PLAN_LIMIT_REACHED));
+        // Until next month: 2025-12-01T12:00 to 2026-01-01T00:00.
+        assert_eq!(denied.retry_after_secs, Some(30 * 86_400 + 12 * 3600));
+    }
+
+    #[test]
+    fn reported_generations_pay_off_admissions_and_unreported_ones_expire() {
+        let l = Ledger::new(60_000, 0);
+        let s = state(40, NOW - 1000);
+        for _ in 0..10 {
+            assert!(l.admit("i", Some(&s), &free(), 1, 10, NOW).allowed);
+        }
+        assert!(!l.admit("i", Some(&s), &free(), 1, 10, NOW).allowed);
+        // 4 of them reported: counted once (accepted), 6 still admitted.
+        let batch: Vec<(String, u64)> = (0..4).map(|_| (DEC.to_string(), 10)).collect();
+        assert_eq!(
+            l.accept("i", Some(&s), &free(), &batch, NOW + 100),
+            [None; 4]
+        );
+        assert_eq!(l.pending("i", Some(&s), NOW + 200), (44, 6));
+        // The processors count them: the same.
+        let s2 = state(44, NOW + 100);
+        assert_eq!(l.pending("i", Some(&s2), NOW + 600), (44, 6));
+        // The other 6 never come: after the hold they no longer count.
+        assert_eq!(l.pending("i", Some(&s2), NOW + 61_000), (44, 0));
+        assert!(
+            l.admit("i", Some(&s2), &free(), 6, 10, NOW + 61_000)
+                .allowed
+        );
+    }
+
+    #[test]
+    fn slack_lets_admissions_go_that_far_past_the_cap() {
+        let l = Ledger::new(120_000, 3);
+        let s = state(50, NOW - 1000);
+        let allowed = (0..10)
+            .filter(|_| l.admit("i", Some(&s), &free(), 1, 10, NOW).allowed)
+            .count();
+        assert_eq!(allowed, 3);
+    }
+
+    #[test]
+    fn a_rate_limited_installation_is_refused_until_its_window_frees() {
+        let l = Ledger::new(120_000, 0);
+        let mut s = state(0, NOW - 1000);
+        s.rate_limited_until = Some(NOW + 42_000);
+        let a = l.admit("i", Some(&s), &free(), 1, 10, NOW);
+        assert_eq!(
+            (a.allowed, a.reason, a.retry_after_secs),
+            (false, Some(RATE_LIMITED), Some(42))
+        );
+        // 100 requests in the window: the 101st waits.
+        let l = Ledger::new(120_000, 0);
+        let credits = Policy::default().plan("credits").clone();
+        let allowed = (0..150)
+            .filter(|_| l.admit("k", None, &credits, 1, 10, NOW).allowed)
+            .count();
+        assert_eq!(allowed, 100);
+    }
+
+    #[test]
+    fn idle_installations_leave_memory() {
+        let l = Ledger::new(1000, 0);
+        l.pending("a", None, NOW);
+        l.accept("b", None, &free(), &[(DEC.into(), 1)], NOW);
+        assert_eq!(l.sweep(NOW + 5000, 2000), 1, "b still has a pending batch");
+        let counted = state(1, NOW);
+        l.pending("b", Some(&counted), NOW + 6000);
+        assert_eq!(l.sweep(NOW + 9000, 2000), 1);
+        assert!(l.is_empty());
+    }
+}
