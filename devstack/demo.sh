@@ -58,6 +58,7 @@ done
 echo "$OUT" | sed 's/^/       /'
 echo
 
+sleep 1   # the processors count the batch within ~0.5 s (a rerun resends known ids)
 echo "    4. admission before the next generation (the site's token and signature):"
 ADMIT="{\"install_id\":\"$INSTALL_ID\",\"generations\":1,\"tokens\":200}"
 TS=$(date +%s)

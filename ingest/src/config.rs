@@ -84,6 +84,12 @@ pub struct Config {
     /// event arrives, in seconds; after that it no longer holds the cap.
     #[arg(long, env = "USAGE_ADMIT_HOLD_SECS", default_value_t = 120)]
     pub admit_hold_secs: u64,
+    /// How many gateways answer admissions for the same installations
+    /// (behind one balancer): each admits its share of what the processors'
+    /// state leaves, so together they overshoot a cap by at most the slack
+    /// plus one per gateway. 1 for a single gateway.
+    #[arg(long, env = "USAGE_ADMIT_GATEWAYS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub admit_gateways: u64,
     #[command(flatten)]
     pub governance: GovernanceArgs,
     #[command(flatten)]
@@ -114,6 +120,7 @@ impl std::fmt::Debug for Config {
             .field("flood_burst", &self.flood_burst)
             .field("admit_slack", &self.admit_slack)
             .field("admit_hold_secs", &self.admit_hold_secs)
+            .field("admit_gateways", &self.admit_gateways)
             .field("governance", &self.governance)
             .field("registry_key", &"***")
             .field("jwt", &self.jwt)

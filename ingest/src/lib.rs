@@ -108,6 +108,7 @@ impl Service for IngestService {
             ledger: governance::ledger::Ledger::new(
                 i64::try_from(config.admit_hold_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
                 config.admit_slack,
+                config.admit_gateways,
             ),
             flood: flood::FloodGuard::new(config.flood_rps, config.flood_burst),
             policy,

@@ -212,7 +212,7 @@ mod tests {
                 Sealer::from_hex(crate::registry::seal::DEV_KEY_HEX).unwrap(),
             )),
             accounts: Default::default(),
-            ledger: crate::governance::ledger::Ledger::new(120_000, 0),
+            ledger: crate::governance::ledger::Ledger::new(120_000, 0, 1),
             flood: crate::flood::FloodGuard::new(20.0, 200),
             policy: Default::default(),
             trust: crate::handlers::Trust {

@@ -87,7 +87,7 @@ pub fn print(f: &Figures<'_>) {
     };
     if !enforce.is_empty() {
         println!(
-            "governance: limit crossed -> gateway answers 429 p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} probes)",
+            "governance: limit crossed -> the gateway holds the decision p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} probes)",
             pct(&enforce, 0.50),
             pct(&enforce, 0.99),
             pct(&enforce, 1.0),

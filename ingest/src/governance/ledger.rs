@@ -15,9 +15,11 @@
 //!
 //! Every check and the reservation it makes happen under the installation's
 //! lock, so on one gateway concurrent admissions never overshoot a cap by
-//! more than the configured slack. Gateways do not share these counts:
-//! with G gateways behind a balancer, each may admit up to the remaining
-//! generations before the processors' state reaches it (see BENCHMARKS.md).
+//! more than the configured slack. Gateways share no counts: with G
+//! gateways answering admissions for the same installations
+//! (`USAGE_ADMIT_GATEWAYS`), each admits at most its share (rounded up) of
+//! what the processors' state leaves, so together they overshoot by at most
+//! the slack plus G - 1, whatever the balancer does (see BENCHMARKS.md).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
@@ -113,33 +115,45 @@ impl Pending {
     }
 }
 
-/// The usage a check starts from: the state's, and this gateway's pending.
+/// The usage a check starts from: what the processors' state counted, and
+/// what this gateway accepted and admitted since.
 struct Usage {
-    /// Generations of the current month (state + accepted since).
-    used: u64,
+    /// Generations of the current month the state counted.
+    counted: u64,
+    /// Generations of the current month this gateway accepted since.
+    accepted: u64,
     admitted: u64,
-    window_requests: u64,
-    window_tokens: u64,
+    /// The state's rate window (while it is recent), and this gateway's
+    /// requests and tokens since.
+    counted_requests: u64,
+    counted_tokens: u64,
+    recent_requests: u64,
+    recent_tokens: u64,
     rate_limited_until: Option<i64>,
     abuse_flagged: bool,
+}
+
+impl Usage {
+    fn used(&self) -> u64 {
+        self.counted + self.accepted
+    }
 }
 
 fn usage(p: &Pending, state: Option<&GovernanceState>, now: i64) -> Usage {
     let month = periods::month_key(periods::month_start(now));
     let fresh = |window: i64| state.filter(|s| now - s.as_of < window);
     let (recent_requests, recent_tokens) = p.recent(now);
+    let window = fresh(RATE_WINDOW_MS);
     Usage {
-        used: state
+        counted: state
             .filter(|s| s.month == month)
-            .map_or(0, |s| u64::try_from(s.monthly_used).unwrap_or(0))
-            + p.accepted_in(&month),
+            .map_or(0, |s| u64::try_from(s.monthly_used).unwrap_or(0)),
+        accepted: p.accepted_in(&month),
         admitted: p.admitted_generations(),
-        window_requests: fresh(RATE_WINDOW_MS)
-            .map_or(0, |s| u64::try_from(s.window_requests).unwrap_or(0))
-            + recent_requests,
-        window_tokens: fresh(RATE_WINDOW_MS)
-            .map_or(0, |s| u64::try_from(s.window_tokens).unwrap_or(0))
-            + recent_tokens,
+        counted_requests: window.map_or(0, |s| u64::try_from(s.window_requests).unwrap_or(0)),
+        counted_tokens: window.map_or(0, |s| u64::try_from(s.window_tokens).unwrap_or(0)),
+        recent_requests,
+        recent_tokens,
         rate_limited_until: state
             .and_then(|s| s.rate_limited_until)
             .filter(|u| *u > now),
@@ -165,16 +179,25 @@ pub struct Ledger {
     shards: Vec<Mutex<HashMap<String, Pending>>>,
     hold_ms: i64,
     slack: u64,
+    gateways: u64,
+}
+
+/// This gateway's share of `left` among `gateways` (rounded up).
+fn share(left: u64, gateways: u64) -> u64 {
+    left.div_ceil(gateways.max(1))
 }
 
 impl Ledger {
     /// `hold_ms`: how long an admission waits to be reported; `slack`:
-    /// generations an admission may go past a cap.
-    pub fn new(hold_ms: i64, slack: u64) -> Self {
+    /// generations an admission may go past a cap; `gateways`: how many
+    /// gateways answer admissions for the same installations (each admits
+    /// its share of what the processors' state leaves).
+    pub fn new(hold_ms: i64, slack: u64, gateways: u64) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hold_ms,
             slack,
+            gateways: gateways.max(1),
         }
     }
 
@@ -210,7 +233,11 @@ impl Ledger {
             p.pay_off(events.len() as u64);
             let u = usage(p, state, now);
             let month = periods::month_key(periods::month_start(now));
-            let (mut used, mut requests, mut tokens) = (u.used, u.window_requests, u.window_tokens);
+            let (mut used, mut requests, mut tokens) = (
+                u.used(),
+                u.counted_requests + u.recent_requests,
+                u.counted_tokens + u.recent_tokens,
+            );
             let marks = events
                 .iter()
                 .map(|(event_month, event_tokens)| {
@@ -266,7 +293,7 @@ impl Ledger {
         tokens: u64,
         now: i64,
     ) -> Admission {
-        let slack = self.slack;
+        let (slack, gateways) = (self.slack, self.gateways);
         self.with(install_id, state, now, |p| {
             let u = usage(p, state, now);
             let deny = |reason, until: i64| Admission {
@@ -274,16 +301,21 @@ impl Ledger {
                 reason: Some(reason),
                 retry_after_secs: Some(secs_until(until, now)),
             };
+            // What this gateway has let through since the state, against
+            // its share of what the state leaves (all of it, alone).
             if let Some(cap) = plan.monthly_cap {
-                if u.used + u.admitted + generations > cap + slack {
+                let left = (cap + slack).saturating_sub(u.counted);
+                if u.accepted + u.admitted + generations > share(left, gateways) {
                     return deny(PLAN_LIMIT_REACHED, periods::next_month_start_ms(now));
                 }
             }
             if let Some(until) = u.rate_limited_until {
                 return deny(RATE_LIMITED, until);
             }
-            if u.window_requests + generations > plan.rate_requests
-                || u.window_tokens + tokens > plan.rate_tokens
+            let requests_left = plan.rate_requests.saturating_sub(u.counted_requests);
+            let tokens_left = plan.rate_tokens.saturating_sub(u.counted_tokens);
+            if u.recent_requests + generations > share(requests_left, gateways)
+                || u.recent_tokens + tokens > share(tokens_left, gateways)
             {
                 // The oldest of what fills the window leaves it within one
                 // rate window at most; the processors' state says exactly
@@ -319,7 +351,7 @@ impl Ledger {
     ) -> (u64, u64) {
         self.with(install_id, state, now, |p| {
             let u = usage(p, state, now);
-            (u.used, u.admitted)
+            (u.used(), u.admitted)
         })
     }
 
@@ -389,7 +421,7 @@ mod tests {
 
     #[test]
     fn events_past_the_cap_are_marked_even_before_the_state_says_so() {
-        let l = Ledger::new(120_000, 0);
+        let l = Ledger::new(120_000, 0, 1);
         let s = state(48, NOW - 1000);
         let batch: Vec<(String, u64)> = (0..4).map(|_| (DEC.to_string(), 10)).collect();
         let marks = l.accept("i", Some(&s), &free(), &batch, NOW);
@@ -413,7 +445,7 @@ mod tests {
 
     #[test]
     fn an_event_billed_to_an_earlier_month_does_not_use_this_months_cap() {
-        let l = Ledger::new(120_000, 0);
+        let l = Ledger::new(120_000, 0, 1);
         let s = state(50, NOW - 1000);
         let marks = l.accept("i", Some(&s), &free(), &[("2025-11".into(), 10)], NOW);
         assert_eq!(marks, [None]);
@@ -421,7 +453,7 @@ mod tests {
 
     #[test]
     fn rate_windows_and_flags_mark_what_arrives_over_them() {
-        let l = Ledger::new(120_000, 0);
+        let l = Ledger::new(120_000, 0, 1);
         let mut s = state(0, NOW - 1000);
         s.window_requests = 99;
         let marks = l.accept(
@@ -440,7 +472,7 @@ mod tests {
 
     #[test]
     fn concurrent_admissions_stop_at_the_cap() {
-        let l = std::sync::Arc::new(Ledger::new(120_000, 0));
+        let l = std::sync::Arc::new(Ledger::new(120_000, 0, 1));
         let s = std::sync::Arc::new(state(45, NOW - 1000));
         let handles: Vec<_> = (0..16)
             .map(|_| {
@@ -462,7 +494,7 @@ mod tests {
 
     #[test]
     fn reported_generations_pay_off_admissions_and_unreported_ones_expire() {
-        let l = Ledger::new(60_000, 0);
+        let l = Ledger::new(60_000, 0, 1);
         let s = state(40, NOW - 1000);
         for _ in 0..10 {
             assert!(l.admit("i", Some(&s), &free(), 1, 10, NOW).allowed);
@@ -488,7 +520,7 @@ mod tests {
 
     #[test]
     fn slack_lets_admissions_go_that_far_past_the_cap() {
-        let l = Ledger::new(120_000, 3);
+        let l = Ledger::new(120_000, 3, 1);
         let s = state(50, NOW - 1000);
         let allowed = (0..10)
             .filter(|_| l.admit("i", Some(&s), &free(), 1, 10, NOW).allowed)
@@ -497,8 +529,24 @@ mod tests {
     }
 
     #[test]
+    fn gateways_admit_their_share_of_what_the_state_leaves() {
+        // Two gateways, 45 of 50 counted: 3 each at most (5 / 2, rounded up).
+        let s = state(45, NOW - 1000);
+        let (a, b) = (Ledger::new(120_000, 0, 2), Ledger::new(120_000, 0, 2));
+        let allowed = |l: &Ledger| {
+            (0..10)
+                .filter(|_| l.admit("i", Some(&s), &free(), 1, 10, NOW).allowed)
+                .count()
+        };
+        assert_eq!((allowed(&a), allowed(&b)), (3, 3));
+        // The state counts what they reported: the shares follow it.
+        let s2 = state(50, NOW + 100);
+        assert!(!a.admit("i", Some(&s2), &free(), 1, 10, NOW + 200).allowed);
+    }
+
+    #[test]
     fn a_rate_limited_installation_is_refused_until_its_window_frees() {
-        let l = Ledger::new(120_000, 0);
+        let l = Ledger::new(120_000, 0, 1);
         let mut s = state(0, NOW - 1000);
         s.rate_limited_until = Some(NOW + 42_000);
         let a = l.admit("i", Some(&s), &free(), 1, 10, NOW);
@@ -507,7 +555,7 @@ mod tests {
             (false, Some(RATE_LIMITED), Some(42))
         );
         // 100 requests in the window: the 101st waits.
-        let l = Ledger::new(120_000, 0);
+        let l = Ledger::new(120_000, 0, 1);
         let credits = Policy::default().plan("credits").clone();
         let allowed = (0..150)
             .filter(|_| l.admit("k", None, &credits, 1, 10, NOW).allowed)
@@ -517,7 +565,7 @@ mod tests {
 
     #[test]
     fn idle_installations_leave_memory() {
-        let l = Ledger::new(1000, 0);
+        let l = Ledger::new(1000, 0, 1);
         l.pending("a", None, NOW);
         l.accept("b", None, &free(), &[(DEC.into(), 1)], NOW);
         assert_eq!(l.sweep(NOW + 5000, 2000), 1, "b still has a pending batch");
