@@ -53,7 +53,8 @@ fn main() {
     let started = Instant::now();
     for n in 0..events {
         let r = next();
-        let id = ids[(r % installations as u64) as usize].as_str();
+        let which = (r % installations as u64) as usize;
+        let id = ids[which].as_str();
         let t = t0 + (n as i64 * span_ms) / events as i64 - (r >> 40) as i64 % 5000;
         let g = state.entry(id).or_default();
         g.count(&windows, t, 150 + r % 500);
@@ -62,7 +63,8 @@ fn main() {
         let (_, d) = g.evaluate(
             Counted {
                 install_id: id,
-                plan: plans[(r >> 8) as usize % 4],
+                // Each installation keeps its plan.
+                plan: plans[which % 4],
                 at: t,
                 received: t,
                 month: "2025-12",

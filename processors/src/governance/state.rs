@@ -125,9 +125,10 @@ pub struct Counted<'a> {
 struct Condition<'a> {
     kind: &'a str,
     end_kind: &'a str,
-    /// The reason while it holds; `None` when it does not.
-    holds: Option<String>,
-    ended: String,
+    holds: bool,
+    /// The reasons, made only when a decision needs one (not per event).
+    reason: &'a dyn Fn() -> String,
+    ended: &'a dyn Fn() -> String,
     until: Option<i64>,
 }
 
@@ -249,50 +250,62 @@ impl Installation {
         };
 
         let mut decisions = Vec::new();
-        let rate = format!(
-            "{} requests, {} tokens in 5 minutes (limits {}, {})",
-            short.requests, short.tokens, p.rate_requests, p.rate_tokens
-        );
+        let rate = || {
+            format!(
+                "{} requests, {} tokens in 5 minutes (limits {}, {})",
+                short.requests, short.tokens, p.rate_requests, p.rate_tokens
+            )
+        };
+        let rate_ended = || format!("window freed: {}", rate());
+        let abuse = || abuse_reason.clone().unwrap_or_default();
+        let hour = || {
+            format!(
+                "{} requests, {} tokens in the last hour",
+                long.requests, long.tokens
+            )
+        };
+        let spike = || {
+            format!(
+                "{} requests in the last hour, far above the trailing 24 h",
+                long.requests
+            )
+        };
+        let spike_ended = || format!("{} requests in the last hour", long.requests);
         let conditions = [
             Condition {
                 kind: "rate_limited",
                 end_kind: "rate_limit_ended",
-                holds: rate_limited_until.map(|_| rate.clone()),
-                ended: format!("window freed: {rate}"),
+                holds: rate_limited_until.is_some(),
+                reason: &rate,
+                ended: &rate_ended,
                 until: rate_limited_until,
             },
             Condition {
                 kind: "abuse_flagged",
                 end_kind: "abuse_cleared",
-                holds: abuse_reason,
-                ended: format!(
-                    "{} requests, {} tokens in the last hour",
-                    long.requests, long.tokens
-                ),
+                holds: abuse_reason.is_some(),
+                reason: &abuse,
+                ended: &hour,
                 until: None,
             },
             Condition {
                 kind: "spike_flagged",
                 end_kind: "spike_cleared",
-                holds: spike_flagged.then(|| {
-                    format!(
-                        "{} requests in the last hour, far above the trailing 24 h",
-                        long.requests
-                    )
-                }),
-                ended: format!("{} requests in the last hour", long.requests),
+                holds: spike_flagged,
+                reason: &spike,
+                ended: &spike_ended,
                 until: None,
             },
         ];
         for cond in conditions {
             let open = previous.and_then(|s| s.episodes.iter().find(|e| e.kind == cond.kind));
             match (open, cond.holds) {
-                (None, Some(reason)) => {
+                (None, true) => {
                     let d = New {
                         install_id: c.install_id,
                         kind: cond.kind,
                         key: now.to_string(),
-                        reason,
+                        reason: (cond.reason)(),
                         at: now,
                         phase: "start",
                         episode: Link::Starts,
@@ -308,7 +321,7 @@ impl Installation {
                     });
                     decisions.push(d);
                 }
-                (Some(open), Some(reason)) => {
+                (Some(open), true) => {
                     let mut episode = open.clone();
                     // A rate limit is known to hold until its window frees.
                     episode.last_seen = cond.until.unwrap_or(now).max(open.last_seen);
@@ -319,7 +332,7 @@ impl Installation {
                                 install_id: c.install_id,
                                 kind: cond.kind,
                                 key: format!("{}|extended|{now}", open.episode_id),
-                                reason,
+                                reason: (cond.reason)(),
                                 at: now,
                                 phase: "extended",
                                 episode: Link::Of(open.episode_id.clone()),
@@ -330,13 +343,13 @@ impl Installation {
                     }
                     state.episodes.push(episode);
                 }
-                (Some(open), None) if now - open.last_seen >= QUIET_MS => {
+                (Some(open), false) if now - open.last_seen >= QUIET_MS => {
                     decisions.push(
                         New {
                             install_id: c.install_id,
                             kind: cond.end_kind,
                             key: open.episode_id.clone(),
-                            reason: cond.ended,
+                            reason: (cond.ended)(),
                             at: now,
                             phase: "end",
                             episode: Link::Of(open.episode_id.clone()),
@@ -345,8 +358,8 @@ impl Installation {
                         .decide(),
                     );
                 }
-                (Some(open), None) => state.episodes.push(open.clone()),
-                (None, None) => {}
+                (Some(open), false) => state.episodes.push(open.clone()),
+                (None, false) => {}
             }
         }
 
