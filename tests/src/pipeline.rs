@@ -266,13 +266,17 @@ impl Pipeline {
 
     /// The provider sets `site`'s plan (`PUT .../plan`, an admin token).
     pub async fn set_plan(&self, site: &Site, plan: &str) -> (u16, Value) {
+        let path = format!("/api/usage/installations/{}/plan", site.install_id);
+        self.put_ingest(&path, &admin_token(), &json!({ "plan": plan }))
+            .await
+    }
+
+    /// `PUT <path>` on the gateway with `body`; the status and the answer.
+    pub async fn put_ingest(&self, path: &str, bearer: &str, body: &Value) -> (u16, Value) {
         let r = http()
-            .put(format!(
-                "http://{}/api/usage/installations/{}/plan",
-                self.ingest_addr, site.install_id
-            ))
-            .bearer_auth(admin_token())
-            .json(&json!({ "plan": plan }))
+            .put(format!("http://{}{path}", self.ingest_addr))
+            .bearer_auth(bearer)
+            .json(body)
             .send()
             .await
             .unwrap();
@@ -327,6 +331,43 @@ impl Pipeline {
             .await
             .unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Sends events `ids` (`tokens` each), `per_batch` per request, created
+    /// at `at(id)`; the status and answer of each request.
+    pub async fn send_events(
+        &self,
+        site: &Site,
+        ids: std::ops::Range<u128>,
+        per_batch: usize,
+        tokens: u32,
+        at: impl Fn(u128) -> i64,
+    ) -> Vec<(u16, Value)> {
+        let iso = |ms: i64| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        };
+        let ids: Vec<u128> = ids.collect();
+        let mut out = vec![];
+        for chunk in ids.chunks(per_batch) {
+            let events = chunk
+                .iter()
+                .map(|i| {
+                    event(
+                        *i,
+                        &site.user_hash(1),
+                        "bulk",
+                        "gpt-4o-mini",
+                        tokens - 10,
+                        10,
+                        &iso(at(*i)),
+                    )
+                })
+                .collect();
+            out.push(self.send(site, site.batch(events)).await);
+        }
+        out
     }
 
     pub async fn summary(&self, query: &str) -> Value {

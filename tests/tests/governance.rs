@@ -150,37 +150,6 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// Sends events `ids` created at `at(id)`, `per_batch` per request; returns the statuses.
-async fn send(
-    p: &Pipeline,
-    site: &Site,
-    ids: std::ops::Range<u128>,
-    per_batch: usize,
-    tokens: u32,
-    at: impl Fn(u128) -> i64,
-) -> Vec<(u16, Value)> {
-    let ids: Vec<u128> = ids.collect();
-    let mut out = vec![];
-    for chunk in ids.chunks(per_batch) {
-        let events = chunk
-            .iter()
-            .map(|i| {
-                event(
-                    *i,
-                    &site.user_hash(1),
-                    "bulk",
-                    "gpt-4o-mini",
-                    tokens - 10,
-                    10,
-                    &iso(at(*i)),
-                )
-            })
-            .collect();
-        out.push(p.send(site, site.batch(events)).await);
-    }
-    out
-}
-
 /// Sends events created in the last second, a millisecond apart in id
 /// order (so that decisions sort as the events do); every batch must be
 /// recorded.
@@ -192,10 +161,9 @@ async fn send_now(
     tokens: u32,
 ) {
     let base = now_ms() - 1000;
-    for (status, body) in send(p, site, ids, per_batch, tokens, |i| {
-        base + (i % 1000) as i64
-    })
-    .await
+    for (status, body) in p
+        .send_events(site, ids, per_batch, tokens, |i| base + (i % 1000) as i64)
+        .await
     {
         assert_eq!(status, 200, "{body}");
     }
@@ -294,7 +262,8 @@ async fn the_100th_request_in_5_minutes_stops_admission_and_the_101st_is_recorde
     assert_eq!(a["governance"]["rate_limited"], true);
 
     // A generation made anyway is recorded, marked, and counted.
-    let (status, body) = send(&p, &site, 100..101, 1, 100, |_| now_ms())
+    let (status, body) = p
+        .send_events(&site, 100..101, 1, 100, |_| now_ms())
         .await
         .remove(0);
     assert_eq!(status, 200, "{body}");
@@ -409,7 +378,7 @@ async fn a_free_site_past_its_cap_is_refused_admission_and_every_generation_is_s
     // The site generates 10 more anyway (and resends them): every one is
     // recorded once, marked as overage, and nothing is lost.
     for _ in 0..2 {
-        for (status, body) in send(&p, &site, 50..60, 5, 100, |_| now_ms()).await {
+        for (status, body) in p.send_events(&site, 50..60, 5, 100, |_| now_ms()).await {
             assert_eq!(status, 200, "{body}");
             assert_eq!(body["governance"]["level"], "blocked");
         }
@@ -507,19 +476,19 @@ async fn honest_queued_and_retried_batches_count_whole_in_every_window() {
     let now = now_ms();
     // A bulk run queued by the plugin: 50 generations over the last 5
     // minutes, sent in one batch as the queue flushes.
-    for (status, body) in send(&p, &site, 0..50, 50, 100, |i| {
-        now - 300_000 + i as i64 * 6_000
-    })
-    .await
+    for (status, body) in p
+        .send_events(&site, 0..50, 50, 100, |i| now - 300_000 + i as i64 * 6_000)
+        .await
     {
         assert_eq!(status, 200, "{body}");
     }
     // A batch that failed and is retried 15 minutes later: 49 generations
     // made 15 to 10 minutes ago.
-    for (status, body) in send(&p, &site, 50..99, 49, 100, |i| {
-        now - 900_000 + (i as i64 - 50) * 6_000
-    })
-    .await
+    for (status, body) in p
+        .send_events(&site, 50..99, 49, 100, |i| {
+            now - 900_000 + (i as i64 - 50) * 6_000
+        })
+        .await
     {
         assert_eq!(status, 200, "{body}");
     }
@@ -990,7 +959,10 @@ async fn a_restarted_processor_keeps_the_spike_baseline() {
     let now = chrono::Utc::now().timestamp_millis();
     // A quiet day: 2 generations an hour for 25 hours...
     let start = now - 27 * 3_600_000;
-    for (status, body) in send(&p, &site, 0..50, 25, 100, |i| start + i as i64 * 1_800_000).await {
+    for (status, body) in p
+        .send_events(&site, 0..50, 25, 100, |i| start + i as i64 * 1_800_000)
+        .await
+    {
         assert_eq!(status, 200, "{body}");
     }
     eventually("the quiet day counted", Duration::from_secs(30), || async {
@@ -1003,10 +975,11 @@ async fn a_restarted_processor_keeps_the_spike_baseline() {
     let second = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &args);
     // 60 in the last half hour: 30 times the baseline, no fixed limit reached.
     let burst = now - 30 * 60_000;
-    for (status, body) in send(&p, &site, 50..110, 20, 100, |i| {
-        burst + (i as i64 - 50) * 30_000
-    })
-    .await
+    for (status, body) in p
+        .send_events(&site, 50..110, 20, 100, |i| {
+            burst + (i as i64 - 50) * 30_000
+        })
+        .await
     {
         assert_eq!(status, 200, "{body}");
     }

@@ -27,7 +27,8 @@ fn iso(ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Sends events `ids`, one request each batch of `per_batch`, created at `at(id)`.
+/// Sends events `ids`, `per_batch` per request, created at `at(id)`; each
+/// request must be recorded.
 async fn send(
     p: &Pipeline,
     site: &Site,
@@ -35,23 +36,7 @@ async fn send(
     per_batch: usize,
     at: impl Fn(u128) -> i64,
 ) {
-    let ids: Vec<u128> = ids.collect();
-    for chunk in ids.chunks(per_batch) {
-        let events = chunk
-            .iter()
-            .map(|i| {
-                event(
-                    *i,
-                    &site.user_hash(1),
-                    "inline",
-                    "gpt-4o-mini",
-                    90,
-                    10,
-                    &iso(at(*i)),
-                )
-            })
-            .collect();
-        let (status, body) = p.send(site, site.batch(events)).await;
+    for (status, body) in p.send_events(site, ids, per_batch, 100, at).await {
         assert_eq!(status, 200, "{body}");
     }
 }
@@ -117,28 +102,12 @@ async fn a_site_cannot_upgrade_its_own_plan() {
         (200, Some(1))
     );
     // Nor through the provider's endpoints.
-    let r = http()
-        .put(format!(
-            "http://{}/api/usage/installations/{}/plan",
-            p.ingest_addr, site.install_id
-        ))
-        .bearer_auth(token(Role::Account, Some(&site.account_id)))
-        .json(&json!({"plan": "credits"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
-    let r = http()
-        .put(format!(
-            "http://{}/api/usage/accounts/{}",
-            p.ingest_addr, site.account_id
-        ))
-        .bearer_auth(token(Role::Account, Some(&site.account_id)))
-        .json(&json!({"plan": "credits"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
+    let account = token(Role::Account, Some(&site.account_id));
+    let credits = json!({"plan": "credits"});
+    let plan_path = format!("/api/usage/installations/{}/plan", site.install_id);
+    let account_path = format!("/api/usage/accounts/{}", site.account_id);
+    assert_eq!(p.put_ingest(&plan_path, &account, &credits).await.0, 403);
+    assert_eq!(p.put_ingest(&account_path, &account, &credits).await.0, 403);
     // The cap stays: 50.
     let g = p.governance(&site).await;
     assert_eq!(
@@ -158,18 +127,10 @@ async fn a_site_cannot_upgrade_its_own_plan() {
 
     // The provider sets the account's plan: its installations follow, and
     // the change is recorded with who made it.
-    let r = http()
-        .put(format!(
-            "http://{}/api/usage/accounts/{}",
-            p.ingest_addr, site.account_id
-        ))
-        .bearer_auth(admin_token())
-        .json(&json!({"plan": "pro"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = p
+        .put_ingest(&account_path, &admin_token(), &json!({"plan": "pro"}))
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(
         (
             body["account"]["plan"].as_str(),
@@ -467,18 +428,14 @@ async fn a_site_token_sends_and_reads_but_cannot_erase_set_plans_or_register_pas
         (status, body["error"].as_str()),
         (403, Some("installation_limit_reached"))
     );
-    let r = http()
-        .put(format!(
-            "http://{}/api/usage/accounts/acc_limited",
-            p.ingest_addr
-        ))
-        .bearer_auth(admin_token())
-        .json(&json!({"max_installations": 3}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = p
+        .put_ingest(
+            "/api/usage/accounts/acc_limited",
+            &admin_token(),
+            &json!({"max_installations": 3}),
+        )
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(
         (
             body["account"]["max_installations"].as_u64(),

@@ -4,7 +4,6 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use usage_schemas::wire::AvroRecord;
 use usage_schemas::Account;
 use usage_service_kit::auth::Permission;
 use warp::http::{HeaderMap, StatusCode};
@@ -18,7 +17,7 @@ use crate::registry::commands::{
     RotateRequest,
 };
 use crate::signature;
-use crate::sink::{Record, RecordSink};
+use crate::sink::RecordSink;
 
 /// `PUT /api/usage/installations/{install_id}/plan`.
 #[derive(Debug, Deserialize)]
@@ -269,17 +268,7 @@ impl<S: RecordSink> Gateway<S> {
     }
 
     async fn write_account(&self, record: &Account) -> Result<(), IngestError> {
-        let value = record
-            .to_wire()
-            .map_err(|e| IngestError::Startup(format!("record cannot be encoded: {e}")))?;
-        self.sink
-            .send_all(
-                &self.accounts_topic,
-                vec![Record {
-                    key: record.account_id.clone(),
-                    value: Some(value),
-                }],
-            )
+        self.write_record(&self.accounts_topic, &record.account_id, record)
             .await?;
         self.accounts.apply_record(record.clone());
         tracing::info!(account_id = %record.account_id, plan = %record.plan, by = %record.updated_by, "account written");

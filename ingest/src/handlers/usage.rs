@@ -89,23 +89,30 @@ impl<S: RecordSink> Gateway<S> {
         }
     }
 
+    /// Writes a record to `topic` under `key`, acknowledged by Kafka.
+    pub(super) async fn write_record<R: AvroRecord>(
+        &self,
+        topic: &str,
+        key: &str,
+        record: &R,
+    ) -> Result<(), IngestError> {
+        let value = record
+            .to_wire()
+            .map_err(|e| IngestError::Startup(format!("record cannot be encoded: {e}")))?;
+        let records = vec![Record {
+            key: key.to_string(),
+            value: Some(value),
+        }];
+        Ok(self.sink.send_all(topic, records).await?)
+    }
+
     /// Writes a registry record to Kafka and applies it here at once (this
     /// gateway reads its own write; the others within a second).
     pub(super) async fn write_installation(
         &self,
         record: &Installation,
     ) -> Result<(), IngestError> {
-        let value = record
-            .to_wire()
-            .map_err(|e| IngestError::Startup(format!("record cannot be encoded: {e}")))?;
-        self.sink
-            .send_all(
-                &self.installations_topic,
-                vec![Record {
-                    key: record.install_id.clone(),
-                    value: Some(value),
-                }],
-            )
+        self.write_record(&self.installations_topic, &record.install_id, record)
             .await?;
         self.registry
             .apply(record.clone())
