@@ -65,6 +65,11 @@ pub struct Config {
         default_value_t = 5_000
     )]
     pub max_installations_per_account: usize,
+    /// The shortest time between two registry revisions of one
+    /// installation's metadata (plugin, WordPress and PHP versions from its
+    /// headers), in seconds: a site cannot churn the registry.
+    #[arg(long, env = "USAGE_METADATA_EVERY_SECS", default_value_t = 600)]
+    pub metadata_every_secs: i64,
     /// The plan of an account the provider never set one for.
     #[arg(long, env = "USAGE_DEFAULT_PLAN", default_value = "free")]
     pub default_plan: String,
@@ -82,7 +87,8 @@ pub struct Config {
     pub admit_slack: u64,
     /// How long an admitted generation counts as pending before its usage
     /// event arrives, in seconds; after that it no longer holds the cap.
-    #[arg(long, env = "USAGE_ADMIT_HOLD_SECS", default_value_t = 120)]
+    /// Longer than the plugin's queue (5 minutes) and its retries.
+    #[arg(long, env = "USAGE_ADMIT_HOLD_SECS", default_value_t = 1200)]
     pub admit_hold_secs: u64,
     /// How many gateways answer admissions for the same installations
     /// (behind one balancer): each admits its share of what the processors'
@@ -116,6 +122,7 @@ impl std::fmt::Debug for Config {
                 &self.max_installations_per_account,
             )
             .field("default_plan", &self.default_plan)
+            .field("metadata_every_secs", &self.metadata_every_secs)
             .field("flood_rps", &self.flood_rps)
             .field("flood_burst", &self.flood_burst)
             .field("admit_slack", &self.admit_slack)

@@ -94,6 +94,12 @@ impl Service for IngestService {
             .governance
             .policy()
             .map_err(|e| IngestError::Startup(e.to_string()))?;
+        if config.flood_rps.is_nan() || config.flood_rps <= 0.0 {
+            return Err(IngestError::Startup(format!(
+                "USAGE_INGEST_FLOOD_RPS must be above 0, not {}",
+                config.flood_rps
+            )));
+        }
         if !policy.knows(&config.default_plan) {
             return Err(IngestError::Startup(format!(
                 "USAGE_DEFAULT_PLAN {:?} is not a plan of the governance policy ({})",
@@ -117,6 +123,7 @@ impl Service for IngestService {
                 max_installations_per_account: config.max_installations_per_account,
                 default_plan: config.default_plan.clone(),
                 late_grace_ms: config.governance.late_grace_ms(),
+                metadata_every_ms: config.metadata_every_secs.saturating_mul(1000),
             },
             writes: Default::default(),
             sink,

@@ -220,6 +220,7 @@ mod tests {
                 max_installations_per_account: 10,
                 default_plan: "free".into(),
                 late_grace_ms: 0,
+                metadata_every_ms: 0,
             },
             writes: Default::default(),
             sink: NoSink,

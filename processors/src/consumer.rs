@@ -178,7 +178,8 @@ impl EventsConsumer {
                     // once; in a replay, only when the replay has caught
                     // up (before that, the events that arrive after the
                     // change apply it at its own time, as they did live).
-                    if let Some(p) = partition.filter(|p| !self.caught_up(*p)) {
+                    let since = self.governance.plan_changed_at(install);
+                    if let Some(p) = partition.filter(|p| !self.caught_up(*p, since)) {
                         tracing::debug!(%install, partition = p, "plan change waits for the partition to catch up");
                         self.governance.retry_plan_change(install);
                         continue;
@@ -227,33 +228,54 @@ impl EventsConsumer {
         })
     }
 
-    /// Whether this instance has consumed everything `partition` holds: its
-    /// next offset (the position, or the committed offset when nothing was
-    /// consumed since the assignment) reached the high watermark.
-    fn caught_up(&self, partition: i32) -> bool {
+    /// Whether this instance has consumed every event of `partition` the
+    /// gateways received before `since` (ms): its next offset (the position,
+    /// or the committed offset when nothing was consumed since the
+    /// assignment) reached the first message stamped at or after `since`
+    /// (the high watermark when there is none yet).
+    fn caught_up(&self, partition: i32, since: i64) -> bool {
         let timeout = Duration::from_secs(2);
-        let Ok((_, high)) = self
-            .consumer
-            .fetch_watermarks(&self.topic, partition, timeout)
-        else {
-            return false;
-        };
-        let next_of = |tpl: TopicPartitionList| match tpl
+        let offset_of = |tpl: &TopicPartitionList| match tpl
             .find_partition(&self.topic, partition)
             .map(|e| e.offset())
         {
             Some(Offset::Offset(o)) => Some(o),
             _ => None,
         };
-        let next = self.consumer.position().ok().and_then(next_of).or_else(|| {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.topic, partition);
-            self.consumer
-                .committed_offsets(tpl, timeout)
-                .ok()
-                .and_then(next_of)
-        });
-        next.unwrap_or(0) >= high
+        let mut at = TopicPartitionList::new();
+        if at
+            .add_partition_offset(&self.topic, partition, Offset::Offset(since))
+            .is_err()
+        {
+            return false;
+        }
+        let target = match self.consumer.offsets_for_times(at, timeout) {
+            Ok(found) => match offset_of(&found) {
+                Some(o) => o,
+                None => match self
+                    .consumer
+                    .fetch_watermarks(&self.topic, partition, timeout)
+                {
+                    Ok((_, high)) => high,
+                    Err(_) => return false,
+                },
+            },
+            Err(_) => return false,
+        };
+        let next = self
+            .consumer
+            .position()
+            .ok()
+            .and_then(|p| offset_of(&p))
+            .or_else(|| {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&self.topic, partition);
+                self.consumer
+                    .committed_offsets(tpl, timeout)
+                    .ok()
+                    .and_then(|c| offset_of(&c))
+            });
+        next.unwrap_or(0) >= target
     }
 
     /// Counts the batch's new events in governance and publishes, retrying

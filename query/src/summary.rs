@@ -4,7 +4,7 @@
 //! Parameters: `install_id` (required unless provider admin; without it the
 //! rows are per installation across all), `date_from`/`date_to` (inclusive,
 //! `YYYY-MM-DD`, default the last 30 days to today UTC), `group_by`
-//! (`day` default, `user`, `source`, `model`, `month`), filters `source`,
+//! (`day` default, `user`, `source`, `model`, `month`, `billing_month`), filters `source`,
 //! `model`, `user_hash`, `limit` (1..=1000, default 100), `offset`
 //! (default 0). Dimensions a row is not grouped by are `null`; `meta.total`
 //! is the exact number of groups.
@@ -26,6 +26,9 @@ pub enum GroupBy {
     Source,
     Model,
     Month,
+    /// The month usage counts toward for caps and billing (a late event's
+    /// is the month it arrived in; `month` is always its created_at month).
+    BillingMonth,
 }
 
 impl GroupBy {
@@ -37,6 +40,10 @@ impl GroupBy {
             GroupBy::Source => ("toString(source)", "dim"),
             GroupBy::Model => ("toString(model)", "total_tokens DESC, dim"),
             GroupBy::Month => ("formatDateTime(date, '%Y-%m')", "dim"),
+            GroupBy::BillingMonth => (
+                "formatDateTime(if(late_billing_month = toDate(0), toStartOfMonth(date), late_billing_month), '%Y-%m')",
+                "dim",
+            ),
         }
     }
 }
@@ -60,10 +67,11 @@ impl SummaryParams {
             Some("source") => GroupBy::Source,
             Some("model") => GroupBy::Model,
             Some("month") => GroupBy::Month,
+            Some("billing_month") => GroupBy::BillingMonth,
             Some(other) => {
                 return Err(QueryError::BadRequest(format!(
-                    "group_by must be day, user, source, model or month, not {other:?}"
-                )))
+                "group_by must be day, user, source, model, month or billing_month, not {other:?}"
+            )))
             }
         };
         Ok(Self {
@@ -85,6 +93,7 @@ pub struct SummaryItem {
     pub source: Option<String>,
     pub model: Option<String>,
     pub month: Option<String>,
+    pub billing_month: Option<String>,
     pub total_requests: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -208,6 +217,7 @@ pub async fn summary(
                 source: None,
                 model: None,
                 month: None,
+                billing_month: None,
                 total_requests: r.total_requests,
                 prompt_tokens: r.prompt_tokens,
                 completion_tokens: r.completion_tokens,
@@ -223,6 +233,7 @@ pub async fn summary(
                 GroupBy::Source => &mut item.source,
                 GroupBy::Model => &mut item.model,
                 GroupBy::Month => &mut item.month,
+                GroupBy::BillingMonth => &mut item.billing_month,
             } = Some(r.dim);
             item
         })

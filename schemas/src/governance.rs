@@ -25,6 +25,12 @@ pub struct GovernanceState {
     pub rate_requests_limit: i64,
     pub rate_tokens_limit: i64,
     pub as_of: i64,
+    /// The billing period before `month`, and its generations: events that
+    /// arrive within its late grace still count toward it (and its cap).
+    #[serde(default)]
+    pub previous_month: Option<String>,
+    #[serde(default)]
+    pub previous_month_used: i64,
     /// The latest `received_at` among the events this state counts.
     #[serde(default)]
     pub received_through: i64,

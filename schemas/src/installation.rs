@@ -68,12 +68,25 @@ impl Installation {
     }
 
     /// Whether this record replaces `other` (same installation): the higher
-    /// revision wins; two different records of one revision (two gateways
-    /// wrote at once) are ordered by `updated_at`, then by their bytes, so
-    /// every reader keeps the same one whatever order it read them in.
+    /// revision wins. Two different records of one revision (two gateways
+    /// wrote at once) are ordered so that every reader keeps the same one,
+    /// whatever order it read them in: a plan change first (a longer plan
+    /// history), then a secret rotation (a later overlap end), then the
+    /// earlier write, then the bytes.
     pub fn supersedes(&self, other: &Installation) -> bool {
-        (self.revision, -self.updated_at, &other.secret_sealed)
-            > (other.revision, -other.updated_at, &self.secret_sealed)
+        let key = |r: &Installation| {
+            (
+                r.revision,
+                r.plan_history.len(),
+                r.previous_secret_valid_until.unwrap_or(i64::MIN),
+                -r.updated_at,
+            )
+        };
+        match key(self).cmp(&key(other)) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => self.secret_sealed < other.secret_sealed,
+        }
     }
 }
 
@@ -141,6 +154,19 @@ mod tests {
         // Same time: the smaller sealed bytes.
         let twin = record(1, 100, 9);
         assert!(first.supersedes(&twin) && !twin.supersedes(&first));
+        // A plan change outranks a later metadata write of its revision.
+        let mut plan_change = record(2, 300, 5);
+        plan_change.plan_history = first.periods();
+        plan_change.plan_history.push(PlanPeriod {
+            plan: "agency".into(),
+            since: 300,
+            changed_by: "admin:ops".into(),
+        });
+        plan_change
+            .plan_history
+            .insert(0, plan_change.plan_history[0].clone());
+        let metadata = record(2, 200, 1);
+        assert!(plan_change.supersedes(&metadata) && !metadata.supersedes(&plan_change));
         // A record never replaces itself; a higher revision always wins.
         assert!(!first.supersedes(&first.clone()));
         assert!(record(2, 999, 9).supersedes(&first));

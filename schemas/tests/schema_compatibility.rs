@@ -167,6 +167,8 @@ fn every_governance_state_version_decodes_with_the_current_schema() {
         rate_requests_limit: 100,
         rate_tokens_limit: 50_000,
         as_of: 1_762_165_800_000,
+        previous_month: Some("2025-10".into()),
+        previous_month_used: 50,
         received_through: 1_762_165_801_234,
         episodes: vec![Episode {
             kind: "rate_limited".into(),

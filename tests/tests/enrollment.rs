@@ -77,6 +77,8 @@ async fn metadata(p: &Pipeline, site: &Site) -> Option<(String, String, String)>
 async fn an_unknown_installation_enrolls_on_its_first_signed_sync_and_only_then() {
     let p = Pipeline::start_with(true, |ingest, _| {
         ingest.jwt.account_claim = "id".into();
+        // Metadata revisions as often as they change (10 minutes apart by default).
+        ingest.metadata_every_secs = 0;
     })
     .await;
     let mut site = Site::new(1);

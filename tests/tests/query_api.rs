@@ -267,7 +267,7 @@ async fn bad_parameters_are_400s_that_say_what_to_fix() {
     for (query, message) in [
         (
             format!("/provider/usage/summary?install_id={a}&group_by=week"),
-            "group_by must be day, user, source, model or month, not \"week\"",
+            "group_by must be day, user, source, model, month or billing_month, not \"week\"",
         ),
         (
             format!(

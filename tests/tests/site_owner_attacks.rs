@@ -235,6 +235,37 @@ async fn backdated_events_do_not_lift_a_block() {
         .await
         .unwrap();
     assert!(marked >= 1, "the event after the backdated batch is marked");
+    // Reports keep created_at; caps and billing, the billing month.
+    let this = periods::month_key(periods::month_start(now));
+    let want: Vec<(String, u64)> = if billed == this {
+        vec![(this, 61)]
+    } else {
+        vec![(billed, 10), (this, 51)]
+    };
+    let query = format!(
+        "install_id={}&group_by=billing_month&date_from={}",
+        site.install_id,
+        periods::month_start(previous_month)
+    );
+    eventually(
+        "the summary by billing month",
+        Duration::from_secs(30),
+        || async {
+            let s = p.summary(&query).await;
+            let got: Vec<(String, u64)> = s["data"]
+                .as_array()?
+                .iter()
+                .map(|r| {
+                    (
+                        r["billing_month"].as_str().unwrap().to_string(),
+                        r["total_requests"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            (got == want).then_some(())
+        },
+    )
+    .await;
     p.stop().await;
 }
 

@@ -32,6 +32,10 @@ use usage_service_kit::policy::PlanPolicy;
 
 /// The contract's rate-limit window.
 pub const RATE_WINDOW_MS: i64 = 300_000;
+/// How long an accepted batch counts as pending at most.
+const ACCEPTED_HOLD_MS: i64 = 600_000;
+/// The most entries of pending batches one installation holds.
+const MAX_ENTRIES: usize = 1024;
 /// The abuse window.
 const ABUSE_WINDOW_MS: i64 = 3_600_000;
 const SHARDS: usize = 64;
@@ -68,8 +72,53 @@ impl Pending {
         if let Some(s) = state {
             self.accepted.retain(|a| a.received_at > s.received_through);
         }
+        // A batch no state has counted in this long was a resend the
+        // processors did not report on, or they lag far behind: either way
+        // this gateway stops holding it (memory stays bounded).
+        while self
+            .accepted
+            .front()
+            .is_some_and(|a| a.received_at < now - ACCEPTED_HOLD_MS)
+        {
+            self.accepted.pop_front();
+        }
         while self.admitted.front().is_some_and(|a| a.at < now - hold_ms) {
             self.admitted.pop_front();
+        }
+    }
+
+    /// Records an accepted event: one entry per event arrival (exact: a
+    /// state that counted some of a second's events leaves the others
+    /// pending). When the processors lag so far that an installation holds
+    /// `MAX_ENTRIES`, its two oldest entries merge (memory stays bounded;
+    /// the merged one waits for the later arrival of the two).
+    fn add_accepted(&mut self, now: i64, month: &str, tokens: u64) {
+        if let Some(back) = self
+            .accepted
+            .back_mut()
+            .filter(|b| b.month == month && b.received_at == now)
+        {
+            back.events += 1;
+            back.tokens += tokens;
+            return;
+        }
+        self.accepted.push_back(Accepted {
+            received_at: now,
+            month: month.to_string(),
+            events: 1,
+            tokens,
+        });
+        if self.accepted.len() > MAX_ENTRIES {
+            if let (Some(first), Some(second)) =
+                (self.accepted.pop_front(), self.accepted.front_mut())
+            {
+                if first.month == second.month {
+                    second.events += first.events;
+                    second.tokens += first.tokens;
+                } else {
+                    self.accepted.push_front(first);
+                }
+            }
         }
     }
 
@@ -139,15 +188,27 @@ impl Usage {
     }
 }
 
+/// What the state counted toward `month`, when it knows: the current
+/// period or the one before.
+fn counted_in(state: Option<&GovernanceState>, month: &str) -> Option<u64> {
+    let s = state?;
+    let n = if s.month == month {
+        s.monthly_used
+    } else if s.previous_month.as_deref() == Some(month) {
+        s.previous_month_used
+    } else {
+        return None;
+    };
+    Some(u64::try_from(n).unwrap_or(0))
+}
+
 fn usage(p: &Pending, state: Option<&GovernanceState>, now: i64) -> Usage {
     let month = periods::month_key(periods::month_start(now));
     let fresh = |window: i64| state.filter(|s| now - s.as_of < window);
     let (recent_requests, recent_tokens) = p.recent(now);
     let window = fresh(RATE_WINDOW_MS);
     Usage {
-        counted: state
-            .filter(|s| s.month == month)
-            .map_or(0, |s| u64::try_from(s.monthly_used).unwrap_or(0)),
+        counted: counted_in(state, &month).unwrap_or(0),
         accepted: p.accepted_in(&month),
         admitted: p.admitted_generations(),
         counted_requests: window.map_or(0, |s| u64::try_from(s.window_requests).unwrap_or(0)),
@@ -230,23 +291,38 @@ impl Ledger {
         now: i64,
     ) -> Vec<Option<&'static str>> {
         self.with(install_id, state, now, |p| {
-            p.pay_off(events.len() as u64);
-            let u = usage(p, state, now);
             let month = periods::month_key(periods::month_start(now));
-            let (mut used, mut requests, mut tokens) = (
-                u.used(),
+            // An event reporting an admitted generation is of this month; an
+            // event dated into an earlier one pays no admission off, so that
+            // backdating within the late grace frees no admission.
+            p.pay_off(events.iter().filter(|(m, _)| *m == month).count() as u64);
+            let u = usage(p, state, now);
+            let (mut requests, mut tokens) = (
                 u.counted_requests + u.recent_requests,
                 u.counted_tokens + u.recent_tokens,
             );
+            // Each month's generations so far, for its cap: the current
+            // month's and the previous one's are known (the state carries
+            // both); an older month has closed and takes no event.
+            let mut used: HashMap<&str, u64> = HashMap::new();
             let marks = events
                 .iter()
                 .map(|(event_month, event_tokens)| {
-                    if *event_month == month {
-                        used += 1;
-                    }
+                    let counted = if *event_month == month {
+                        Some(u.counted)
+                    } else {
+                        counted_in(state, event_month)
+                    };
+                    let over_cap = counted.is_some_and(|counted| {
+                        let n = used
+                            .entry(event_month.as_str())
+                            .or_insert_with(|| counted + p.accepted_in(event_month));
+                        *n += 1;
+                        plan.monthly_cap.is_some_and(|cap| *n > cap)
+                    });
                     requests += 1;
                     tokens += event_tokens;
-                    if *event_month == month && plan.monthly_cap.is_some_and(|cap| used > cap) {
+                    if over_cap {
                         Some(PLAN_LIMIT_REACHED)
                     } else if u.rate_limited_until.is_some()
                         || requests > plan.rate_requests
@@ -260,23 +336,8 @@ impl Ledger {
                     }
                 })
                 .collect();
-            let mut by_month: Vec<(&str, u64, u64)> = Vec::new();
             for (m, t) in events {
-                match by_month.iter_mut().find(|(bm, _, _)| *bm == m.as_str()) {
-                    Some(entry) => {
-                        entry.1 += 1;
-                        entry.2 += t;
-                    }
-                    None => by_month.push((m, 1, *t)),
-                }
-            }
-            for (m, n, t) in by_month {
-                p.accepted.push_back(Accepted {
-                    received_at: now,
-                    month: m.to_string(),
-                    events: n,
-                    tokens: t,
-                });
+                p.add_accepted(now, m, *t);
             }
             marks
         })
@@ -410,6 +471,8 @@ mod tests {
             rate_requests_limit: 100,
             rate_tokens_limit: 50_000,
             as_of: received_through,
+            previous_month: None,
+            previous_month_used: 0,
             received_through,
             episodes: vec![],
         }
@@ -444,11 +507,60 @@ mod tests {
     }
 
     #[test]
-    fn an_event_billed_to_an_earlier_month_does_not_use_this_months_cap() {
+    fn an_event_billed_to_the_previous_month_counts_against_its_cap_not_this_ones() {
         let l = Ledger::new(120_000, 0, 1);
-        let s = state(50, NOW - 1000);
-        let marks = l.accept("i", Some(&s), &free(), &[("2025-11".into(), 10)], NOW);
-        assert_eq!(marks, [None]);
+        let mut s = state(10, NOW - 1000);
+        s.previous_month = Some("2025-11".into());
+        s.previous_month_used = 49;
+        let nov =
+            |n: usize| -> Vec<(String, u64)> { (0..n).map(|_| ("2025-11".into(), 10)).collect() };
+        // November had one generation left: the second is overage there.
+        assert_eq!(
+            l.accept("i", Some(&s), &free(), &nov(2), NOW),
+            [None, Some(PLAN_LIMIT_REACHED)]
+        );
+        // December's count did not move.
+        assert_eq!(l.pending("i", Some(&s), NOW + 10), (10, 0));
+    }
+
+    #[test]
+    fn backdated_reports_pay_off_no_admission() {
+        let l = Ledger::new(120_000, 0, 1);
+        let s = state(45, NOW - 1000);
+        for _ in 0..5 {
+            assert!(l.admit("i", Some(&s), &free(), 1, 10, NOW).allowed);
+        }
+        // The site reports them dated in November (within the late grace):
+        // December's admissions stay taken.
+        let november: Vec<(String, u64)> = (0..5).map(|_| ("2025-11".into(), 10)).collect();
+        l.accept("i", Some(&s), &free(), &november, NOW + 10);
+        assert!(!l.admit("i", Some(&s), &free(), 1, 10, NOW + 20).allowed);
+    }
+
+    #[test]
+    fn pending_batches_stay_bounded_and_expire() {
+        let l = Ledger::new(120_000, 0, 1);
+        for k in 0..5000 {
+            l.accept("i", None, &free(), &[(DEC.into(), 1)], NOW + k);
+        }
+        assert_eq!(l.pending("i", None, NOW + 5000), (5000, 0));
+        let held = |l: &Ledger| {
+            l.shards
+                .iter()
+                .map(|s| {
+                    s.lock()
+                        .unwrap()
+                        .values()
+                        .map(|p| p.accepted.len())
+                        .sum::<usize>()
+                })
+                .sum::<usize>()
+        };
+        assert_eq!(held(&l), MAX_ENTRIES);
+        // A state that counted the first 4,000 leaves exactly the last 1,000.
+        let counted = state(4000, NOW + 3999);
+        assert_eq!(l.pending("i", Some(&counted), NOW + 5000), (5000, 0));
+        assert_eq!(l.pending("i", None, NOW + ACCEPTED_HOLD_MS + 6000), (0, 0));
     }
 
     #[test]

@@ -174,6 +174,8 @@ mod tests {
             rate_requests_limit: 100,
             rate_tokens_limit: 50_000,
             as_of: DEC1 + 1000,
+            previous_month: None,
+            previous_month_used: 0,
             received_through: DEC1 + 1000,
             episodes: vec![],
         }

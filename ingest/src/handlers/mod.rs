@@ -47,6 +47,8 @@ pub struct Trust {
     pub default_plan: String,
     /// `USAGE_BILLING_LATE_GRACE_HOURS`, in ms.
     pub late_grace_ms: i64,
+    /// The shortest time between two metadata revisions of an installation.
+    pub metadata_every_ms: i64,
 }
 
 /// Everything the handlers share.
@@ -108,6 +110,26 @@ impl<S> Gateway<S> {
         claims.role.is_provider() || claims.account_id.as_deref() == Some(account_id)
     }
 
+    /// Who may read `record`'s governance: a provider-level token, the
+    /// account's token, and the multisite roles for the installations their
+    /// token lists (as the query API's access rules).
+    fn may_read(claims: &Claims, record: &usage_schemas::Installation) -> bool {
+        if claims.role.is_provider() {
+            return true;
+        }
+        if claims.account_id.as_deref() != Some(record.account_id.as_str()) {
+            return false;
+        }
+        match claims.role {
+            Role::Account => true,
+            _ => claims
+                .install_ids
+                .as_deref()
+                .unwrap_or_default()
+                .contains(&record.install_id),
+        }
+    }
+
     /// Who may register or change `account_id`'s installations.
     fn may_manage(claims: &Claims, account_id: &str) -> Result<(), IngestError> {
         let allowed = claims.is_admin()
@@ -143,8 +165,21 @@ impl<S> Gateway<S> {
         self.policy.plan(plan)
     }
 
+    /// The registry and the accounts are loaded (a plan or a secret is
+    /// never decided from a half-read topic).
     fn require_registry(&self) -> Result<(), IngestError> {
-        if self.registry.is_caught_up() {
+        use usage_service_kit::follower::Table;
+        if self.registry.is_caught_up() && self.accounts.is_caught_up() {
+            Ok(())
+        } else {
+            Err(IngestError::RegistryLoading)
+        }
+    }
+
+    /// The governance states are loaded (admission never answers from none).
+    fn require_governance(&self) -> Result<(), IngestError> {
+        use usage_service_kit::follower::Table;
+        if self.governance.is_caught_up() {
             Ok(())
         } else {
             Err(IngestError::RegistryLoading)

@@ -160,6 +160,13 @@ impl<S: RecordSink> Gateway<S> {
             false,
             now,
         )?;
+        // Nothing is enrolled for a batch that would store nothing.
+        let validated = batch::validate(batch, &self.limits, now)?;
+        if validated.accepted.is_empty() {
+            return Err(IngestError::Validation {
+                refused: validated.refused,
+            });
+        }
         let limit = self.installation_limit(&batch.account_id);
         if self.registry.count_of(&batch.account_id) >= limit {
             return Err(commands::CommandError::LimitReached {
@@ -186,11 +193,16 @@ impl<S: RecordSink> Gateway<S> {
         Ok((entry, scheme))
     }
 
-    /// Writes the metadata the plugin's headers carry when it changed.
+    /// Writes the metadata the plugin's headers carry when it changed, at
+    /// most once per `Trust::metadata_every_ms` per installation (a site
+    /// cannot churn the registry by changing its headers on every sync).
     /// Best effort: the batch is stored already, a failure is only logged.
     async fn refresh_metadata(&self, entry: &Entry, headers: &HeaderMap, now: i64) {
         let meta = metadata(headers);
-        if meta == Metadata::default() || commands::update_metadata(entry, &meta, now).is_none() {
+        if meta == Metadata::default()
+            || now - entry.record.updated_at < self.trust.metadata_every_ms
+            || commands::update_metadata(entry, &meta, now).is_none()
+        {
             return;
         }
         let _write = self.writes.lock(&entry.record.account_id).await;
@@ -369,26 +381,30 @@ impl<S: RecordSink> Gateway<S> {
                 "generations must be 1 to 10,000 and tokens at most 100,000,000".into(),
             ));
         }
+        if !claims.may(Permission::Admit) && !claims.may(Permission::SendUsage) {
+            return Err(IngestError::Forbidden("ask for admission"));
+        }
         self.require_registry()?;
+        self.require_governance()?;
         let entry = self
             .registry
             .get(&req.install_id)
             .ok_or(IngestError::UnknownInstallation)?;
         if !claims.may(Permission::Admit) {
-            // The site itself: its token and its signature, like sending usage.
-            if !claims.may(Permission::SendUsage) {
-                return Err(IngestError::Forbidden("ask for admission"));
-            }
+            // The site itself: its token and its signature over the body,
+            // like sending usage but v2 only (the legacy signature covers no
+            // body, so a captured one could spend the site's admissions).
             if !Self::speaks_for(&claims, &entry.record.account_id) {
                 return Err(IngestError::AccountMismatch);
             }
-            self.verify_signature(
-                &headers,
+            let v2 = header(&headers, signature::V2_HEADER)
+                .ok_or(IngestError::Signature(SignatureError::V2Required))?;
+            signature::verify_v2(
+                v2,
                 &body,
-                &req.install_id,
                 &entry.secrets(now),
-                entry.v2_only(),
-                now,
+                now / 1000,
+                self.signature_window_secs,
             )?;
             self.flood
                 .take(&req.install_id, now)
@@ -435,7 +451,7 @@ impl<S: RecordSink> Gateway<S> {
             .registry
             .get(install_id)
             .ok_or(IngestError::UnknownInstallation)?;
-        if !Self::speaks_for(&claims, &entry.record.account_id) {
+        if !Self::may_read(&claims, &entry.record) {
             return Err(IngestError::Forbidden("read this installation's usage"));
         }
         let state = self.governance.get(install_id);

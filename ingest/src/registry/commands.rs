@@ -32,7 +32,7 @@ pub fn account_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         .ok_or_else(|| serde::de::Error::custom("account_id must be a string or a number"))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     pub install_id: String,
@@ -65,12 +65,32 @@ impl std::fmt::Display for RegisterRequest {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("install_id", &self.install_id)
+            .field("account_id", &self.account_id)
+            .field("secret", &"***")
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
     pub secret: String,
     #[serde(default)]
     pub overlap_seconds: Option<i64>,
+}
+
+impl std::fmt::Debug for RotateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotateRequest")
+            .field("secret", &"***")
+            .field("overlap_seconds", &self.overlap_seconds)
+            .finish()
+    }
 }
 
 /// What the API shows of an installation: everything but the secrets.
@@ -699,6 +719,16 @@ mod tests {
             ),
             Err(CommandError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn requests_never_show_their_secret() {
+        let req = request(None);
+        let rotate: RotateRequest =
+            serde_json::from_str(r#"{"secret": "0123456789abcdef-secret"}"#).unwrap();
+        for shown in [format!("{req:?}"), format!("{rotate:?}"), req.to_string()] {
+            assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        }
     }
 
     #[test]

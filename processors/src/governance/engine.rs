@@ -433,7 +433,15 @@ impl Engine {
                     *n = n.saturating_sub(1);
                 }
             }
+            // Never later than its registration: one event dated long ago,
+            // sent after an eviction, must not make the installation look
+            // new (and switch spike detection off for a day).
             let first_seen = first_events.get(id).or(first_days.get(id)).copied();
+            let registered = self.setup.plans.registered_at(id);
+            let first_seen = match (first_seen, registered) {
+                (Some(f), Some(r)) => Some(f.min(r)),
+                (f, r) => f.or(r),
+            };
             state.restore(hourly, first_seen);
         }
         for (install, kind, at) in alerts {
@@ -533,10 +541,15 @@ impl Engine {
             return Ok(HashMap::new());
         };
         // Late events reach at most a few months back (the gateway refuses
-        // events older than 80 days); their rows sit in those months.
+        // events older than 80 days); their rows sit in those months. An
+        // event dated a few minutes ahead at a month's end is billed to the
+        // month it arrived in, but its rows sit in the next one.
         let from = first
             .checked_sub_months(chrono::Months::new(3))
             .unwrap_or(first);
+        let last = last
+            .checked_add_months(chrono::Months::new(1))
+            .unwrap_or(last);
         let ids: Vec<&str> = keys
             .keys()
             .map(|(i, _)| i.as_str())
@@ -846,6 +859,11 @@ impl Engine {
         self.setup
             .plans
             .retry_later(install_id.to_string(), Duration::from_secs(1));
+    }
+
+    /// When `install_id`'s current plan took effect (0 when unknown).
+    pub fn plan_changed_at(&self, install_id: &str) -> i64 {
+        self.setup.plans.current_since(install_id).unwrap_or(0)
     }
 
     /// Installations whose published state predates their current plan (a

@@ -217,12 +217,27 @@ impl Installation {
         };
         let spike_flagged = self.spike(p.spike_factor, p.spike_min_requests, now, long.requests);
 
-        // The current billing period: the latest one counted.
+        // The current billing period: the latest one counted; and the one
+        // before it, which events within its late grace still count toward.
         let (month, used) = match previous {
             Some(s) if s.month.as_str() > c.month => {
                 (s.month.clone(), u64::try_from(s.monthly_used).unwrap_or(0))
             }
             _ => (c.month.to_string(), c.month_used),
+        };
+        let (previous_month, previous_month_used) = match previous {
+            // This event counts toward the period before the current one.
+            Some(s) if s.month.as_str() > c.month => {
+                if s.previous_month.as_deref().is_none_or(|m| m <= c.month) {
+                    (Some(c.month.to_string()), c.month_used as i64)
+                } else {
+                    (s.previous_month.clone(), s.previous_month_used)
+                }
+            }
+            // A new period begins: the current one becomes the previous one.
+            Some(s) if s.month.as_str() < c.month => (Some(s.month.clone()), s.monthly_used),
+            Some(s) => (s.previous_month.clone(), s.previous_month_used),
+            None => (None, 0),
         };
         let level = policy.level(used, p.monthly_cap);
 
@@ -245,6 +260,8 @@ impl Installation {
             rate_requests_limit: p.rate_requests as i64,
             rate_tokens_limit: p.rate_tokens as i64,
             as_of: now,
+            previous_month,
+            previous_month_used,
             received_through: previous.map_or(c.received, |s| s.received_through.max(c.received)),
             episodes: Vec::new(),
         };
@@ -675,6 +692,10 @@ mod tests {
         assert_eq!((s.level.as_str(), s.month.as_str()), ("blocked", "2025-11"));
         let (s, d) = eval(&mut g, "free", 1, T0 + 1000, &p, &c); // December: 1 used
         assert_eq!((s.level.as_str(), s.month.as_str()), ("ok", "2025-12"));
+        assert_eq!(
+            (s.previous_month.as_deref(), s.previous_month_used),
+            (Some("2025-11"), 50)
+        );
         assert_eq!(kinds(&d), ["unblocked"]);
         assert!(d[0].reason.contains("new month"));
     }
@@ -701,6 +722,11 @@ mod tests {
         assert_eq!(
             (s.level.as_str(), s.month.as_str(), s.monthly_used),
             ("blocked", "2025-12", 50)
+        );
+        // ...and the gateways learn November's count, for its cap.
+        assert_eq!(
+            (s.previous_month.as_deref(), s.previous_month_used),
+            (Some("2025-11"), 3)
         );
         assert!(d.is_empty(), "{d:?}");
         // An earlier period's own alerts are its own, and open no episode.

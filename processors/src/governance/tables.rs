@@ -77,6 +77,11 @@ impl Plans {
             .map(|p| (p.since, p.plan.clone()))
     }
 
+    /// When the installation was registered.
+    pub fn registered_at(&self, install_id: &str) -> Option<i64> {
+        self.record(install_id).map(|r| r.registered_at)
+    }
+
     /// When the current plan took effect.
     pub fn current_since(&self, install_id: &str) -> Option<i64> {
         let record = self.record(install_id)?;

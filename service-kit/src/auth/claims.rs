@@ -289,15 +289,18 @@ impl ClaimRules {
 
     fn check(&self, c: &Claims, now: i64) -> Result<(), JwtError> {
         use super::LEEWAY_SECS;
-        if c.exp + LEEWAY_SECS < now {
+        if c.exp.saturating_add(LEEWAY_SECS) < now {
             return Err(JwtError::Expired);
         }
-        if c.nbf.is_some_and(|nbf| nbf - LEEWAY_SECS > now) {
+        if c.nbf
+            .is_some_and(|nbf| nbf.saturating_sub(LEEWAY_SECS) > now)
+        {
             return Err(JwtError::NotYetValid);
         }
         if let Some(max) = self.max_lifetime_secs {
-            let from = c.iat.unwrap_or(now);
-            if c.exp.saturating_sub(from) > max + LEEWAY_SECS {
+            // An `iat` in the future would stretch the lifetime: never later than now.
+            let from = c.iat.map_or(now, |iat| iat.min(now));
+            if c.exp.saturating_sub(from) > max.saturating_add(LEEWAY_SECS) {
                 return Err(JwtError::Claims(format!(
                     "the token lives longer than the {max} s allowed"
                 )));
@@ -438,6 +441,11 @@ mod tests {
         no_iat["exp"] = json!(1_000 + 86_400);
         assert!(read(&rules, no_iat.clone()).is_ok());
         no_iat["exp"] = json!(1_000 + 2 * 86_400);
+        assert!(read(&rules, no_iat.clone()).is_err());
+        // An iat in the future does not stretch it; a huge exp does not overflow.
+        no_iat["iat"] = json!(1_000 + 86_400);
+        assert!(read(&rules, no_iat.clone()).is_err());
+        no_iat["exp"] = json!(1e300);
         assert!(read(&rules, no_iat).is_err());
     }
 
