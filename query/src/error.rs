@@ -25,6 +25,8 @@ pub enum QueryError {
     Jwt(#[from] JwtError),
     #[error("this token may not {0}")]
     Forbidden(String),
+    #[error("a request that changes something with the dashboard's session must come from the dashboard's own pages")]
+    CrossSite,
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -45,7 +47,7 @@ impl QueryError {
             QueryError::Bind { .. } | QueryError::Startup(_) => StatusCode::INTERNAL_SERVER_ERROR,
             QueryError::BadRequest(_) => StatusCode::BAD_REQUEST,
             QueryError::Jwt(_) => StatusCode::UNAUTHORIZED,
-            QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
+            QueryError::Forbidden(_) | QueryError::CrossSite => StatusCode::FORBIDDEN,
             QueryError::NotFound => StatusCode::NOT_FOUND,
             QueryError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             QueryError::ClickHouse(_) | QueryError::Kafka(_) | QueryError::Incomplete(_) => {
@@ -61,6 +63,7 @@ impl QueryError {
             QueryError::Jwt(JwtError::Expired) => "token_expired",
             QueryError::Jwt(_) => "invalid_token",
             QueryError::Forbidden(_) => "forbidden",
+            QueryError::CrossSite => "cross_site_request",
             QueryError::NotFound => "not_found",
             QueryError::MethodNotAllowed => "method_not_allowed",
             QueryError::ClickHouse(_) => "storage_unavailable",

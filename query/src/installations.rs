@@ -1,17 +1,24 @@
-//! `GET /api/usage/installations` (provider admins): every installation with
-//! usage in the range, its totals, first and last generation, unique users,
-//! active days, plan and governance level.
+//! `GET /api/usage/installations`: every installation the token may see
+//! (the fleet for provider-level tokens, its own for an account, the listed
+//! ones for network and site admins) with usage in the range, its totals,
+//! first and last generation, unique users, active days, plan and
+//! governance level.
 //!
-//! Parameters: `date_from`/`date_to` (default the last 30 days), `sort_by`
-//! (`tokens` default, `cost`, `date` = last seen, `requests`), `order`
-//! (`desc` default, `asc`), `limit` (1..=500, default 50), `offset`.
-//! Ties are broken by install_id, so pages are stable.
+//! Parameters: `date_from`/`date_to` (default the last 30 days), `q` (a
+//! search: part of an install id, the start of a site hash, or an account
+//! id), `sort_by` (`tokens` default, `cost`, `date` = last day with usage,
+//! `requests`), `order` (`desc` default, `asc`), `limit` (1..=500, default
+//! 50), `offset`. Ties are broken by install_id, so pages are stable.
 //!
 //! Totals come from `usage_install_daily` (one row per installation and day;
-//! exact, deduplicated; its rows are the active days), unique users of the
-//! page's installations from `usage_daily`, first/last seen from
-//! `installation_activity` (all time), the plan from `installation_metadata`
-//! and the level from this month's cap decisions in `governance_decisions`.
+//! exact, deduplicated; its rows are the active days). Over 100,000
+//! installations that aggregate is the cost of a page (a third of a second),
+//! so it is computed once per fleet, range and search ([`Ranking`], kept
+//! like the dashboard's figures when expensive), and every page and order
+//! is cut from it. The listed installations' unique users (`usage_daily`),
+//! first/last seen (`installation_activity`, all time), plan
+//! (`installation_metadata`) and level (this month's cap decisions in
+//! `governance_decisions`) are read for that page alone.
 
 use std::collections::HashMap;
 
@@ -21,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::QueryError;
 use crate::events::iso_millis;
+use crate::fleet::Fleet;
 use crate::params::{self, DateRange, Query};
 
 pub const MAX_LIMIT: u64 = 500;
@@ -40,6 +48,9 @@ pub struct InstallationsParams {
     pub descending: bool,
     pub limit: u64,
     pub offset: u64,
+    /// A search: part of an install id, the start of a site hash, or an
+    /// account id.
+    pub q: Option<String>,
 }
 
 impl InstallationsParams {
@@ -64,24 +75,27 @@ impl InstallationsParams {
                 )))
             }
         };
+        let q = params.get("q").map(|q| q.trim()).filter(|q| !q.is_empty());
+        if let Some(q) = q {
+            if q.chars().count() > 100 {
+                return Err(QueryError::BadRequest("q is at most 100 characters".into()));
+            }
+        }
         Ok(Self {
             range: DateRange::parse(params, today)?,
             sort_by,
             descending,
             limit: params::limit(params, 50, MAX_LIMIT)?,
             offset: params::number(params, "offset", 0)?,
+            q: q.map(str::to_string),
         })
     }
 }
 
-#[derive(Debug, Row, Deserialize)]
-struct InstallationRow {
+/// One installation's totals over the range, as ranked.
+#[derive(Debug, Clone, Row, Deserialize)]
+pub struct Ranked {
     install_id: String,
-    account_id: String,
-    plan: String,
-    level: String,
-    first_seen: i64,
-    last_seen: i64,
     total_requests: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -89,8 +103,100 @@ struct InstallationRow {
     cost: String,
     /// Days with usage: rows of `usage_install_daily`, one per day.
     active_days: u64,
-    /// Installations in the range (a window over the groups, before LIMIT).
-    groups: u64,
+    /// The last day with usage, in days since 1970.
+    last_date: u16,
+}
+
+/// Every installation of a fleet with usage in a range, unordered: what
+/// any page, any order of one listing is cut from.
+pub struct Ranking(Vec<(f64, Ranked)>);
+
+impl Ranking {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// One page in the requested order; ties by install_id, so pages are stable.
+    fn page(&self, params: &InstallationsParams) -> Vec<&Ranked> {
+        let mut rows: Vec<&(f64, Ranked)> = self.0.iter().collect();
+        let key = |(cost, r): &(f64, Ranked)| -> f64 {
+            match params.sort_by {
+                SortBy::Tokens => r.total_tokens as f64,
+                SortBy::Cost => *cost,
+                SortBy::Date => f64::from(r.last_date),
+                SortBy::Requests => r.total_requests as f64,
+            }
+        };
+        rows.sort_by(|a, b| {
+            let order = key(a).total_cmp(&key(b));
+            let order = if params.descending {
+                order.reverse()
+            } else {
+                order
+            };
+            order.then_with(|| a.1.install_id.cmp(&b.1.install_id))
+        });
+        rows.into_iter()
+            .skip(usize::try_from(params.offset).unwrap_or(usize::MAX))
+            .take(params.limit as usize)
+            .map(|(_, r)| r)
+            .collect()
+    }
+}
+
+/// The SQL predicate of a search: a part of the install id, the start of
+/// the site hash, or the whole account id.
+const SEARCH: &str = "install_id IN (SELECT install_id FROM installation_metadata FINAL
+    WHERE positionCaseInsensitive(install_id, {q:String}) > 0
+       OR startsWith(site_hash, lower({q:String})) OR account_id = {q:String})";
+
+/// The totals of every installation of `fleet` with usage in `range`
+/// (matching `q`, if any).
+pub async fn ranking(
+    client: &Client,
+    fleet: &Fleet,
+    range: &DateRange,
+    q: Option<&str>,
+) -> Result<Ranking, QueryError> {
+    let sql = format!(
+        "SELECT install_id, sum(requests) AS total_requests, sum(prompt_tokens) AS prompt_tokens,
+                sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
+                toString(sum(cost_usd)) AS cost, count() AS active_days,
+                toUInt16(max(date)) AS last_date
+         FROM usage_install_daily FINAL
+         WHERE date >= {{date_from:Date}} AND date <= {{date_to:Date}} AND {} AND {}
+         GROUP BY install_id",
+        fleet.sql(),
+        if q.is_some() { SEARCH } else { "1" },
+    );
+    let mut query = fleet
+        .bind(client.query(&sql))
+        .param("date_from", range.from.to_string())
+        .param("date_to", range.to.to_string());
+    if let Some(q) = q {
+        query = query.param("q", q);
+    }
+    let rows: Vec<Ranked> = query.fetch_all().await?;
+    Ok(Ranking(
+        rows.into_iter()
+            .map(|r| (r.cost.parse().unwrap_or(0.0), r))
+            .collect(),
+    ))
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct Labels {
+    install_id: String,
+    account_id: String,
+    plan: String,
+    level: String,
+    first_seen: i64,
+    last_seen: i64,
+    unique_users: u64,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -110,129 +216,96 @@ pub struct InstallationItem {
     pub governance_level: String,
 }
 
+/// One page of `ranking`, with each listed installation's account, plan,
+/// governance level, first and last generation and unique users.
 pub async fn installations(
     client: &Client,
+    ranking: &Ranking,
     params: &InstallationsParams,
 ) -> Result<(Vec<InstallationItem>, crate::summary::Meta), QueryError> {
-    let sort = match params.sort_by {
-        SortBy::Tokens => "total_tokens",
-        SortBy::Cost => "cost_decimal",
-        SortBy::Date => "last_date",
-        SortBy::Requests => "total_requests",
-    };
-    let order = if params.descending { "DESC" } else { "ASC" };
-    // The page is cut from the aggregate first; the small per-installation
-    // tables are joined to those rows only, and the distinct users (no sort
-    // key, but the costliest aggregate) are counted for them alone by a
-    // second query: over 100k installations this halves the time.
-    let sql = format!(
-        "SELECT u.install_id AS install_id, ifNull(m.account_id, '') AS account_id,
-                ifNull(m.plan, '') AS plan, ifNull(g.level, 'ok') AS level,
-                ifNull(toUnixTimestamp64Milli(a.first_seen), 0) AS first_seen,
-                ifNull(toUnixTimestamp64Milli(a.last_seen), 0) AS last_seen,
-                u.total_requests AS total_requests, u.prompt_tokens AS prompt_tokens,
-                u.completion_tokens AS completion_tokens, u.total_tokens AS total_tokens,
-                toString(u.cost_decimal) AS cost, u.active_days AS active_days,
-                u.groups AS groups
-         FROM (
-             SELECT install_id, sum(requests) AS total_requests, sum(prompt_tokens) AS prompt_tokens,
-                    sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
-                    sum(cost_usd) AS cost_decimal, count() AS active_days, max(date) AS last_date,
-                    count() OVER () AS groups
-             FROM usage_install_daily FINAL
-             WHERE date >= {{date_from:Date}} AND date <= {{date_to:Date}}
-             GROUP BY install_id
-             ORDER BY {sort} {order}, install_id
-             LIMIT {{limit:UInt64}} OFFSET {{offset:UInt64}}
-         ) AS u
-         LEFT JOIN (SELECT install_id, min(first_seen) AS first_seen, max(last_seen) AS last_seen
-                    FROM installation_activity GROUP BY install_id) AS a ON a.install_id = u.install_id
-         LEFT JOIN (SELECT install_id, account_id, plan FROM installation_metadata FINAL) AS m
-                ON m.install_id = u.install_id
-         LEFT JOIN (SELECT install_id,
-                           multiIf(argMax(kind, at) = 'cap_warning', 'warning',
-                                   argMax(kind, at) = 'cap_critical', 'critical',
-                                   argMax(kind, at) = 'blocked', 'blocked', 'ok') AS level
-                    FROM governance_decisions FINAL
-                    WHERE kind IN ('cap_warning', 'cap_critical', 'blocked', 'unblocked')
-                      AND at >= toStartOfMonth(now64(3, 'UTC'))
-                    GROUP BY install_id) AS g ON g.install_id = u.install_id
-         ORDER BY u.{sort} {order}, install_id
-         SETTINGS join_use_nulls = 1"
-    );
-    let bind = |q: clickhouse::query::Query| {
-        q.param("date_from", params.range.from.to_string())
-            .param("date_to", params.range.to.to_string())
-    };
-    let rows: Vec<InstallationRow> = bind(client.query(&sql))
-        .param("limit", params.limit)
-        .param("offset", params.offset)
-        .fetch_all()
-        .await?;
-    let users = unique_users(client, &params.range, &rows).await?;
-    let total: u64 = match rows.first() {
-        Some(r) => r.groups,
-        None if params.offset == 0 => 0,
-        None => {
-            bind(client.query(
-                "SELECT uniqExact(install_id) FROM usage_install_daily
-                 WHERE date >= {date_from:Date} AND date <= {date_to:Date}",
-            ))
-            .fetch_one()
-            .await?
-        }
-    };
-    let items = rows
+    let page = ranking.page(params);
+    let labels = labels(client, &params.range, &page).await?;
+    let items = page
         .into_iter()
-        .map(|r| InstallationItem {
-            unique_users: users.get(&r.install_id).copied().unwrap_or_default(),
-            install_id: r.install_id,
-            account_id: r.account_id,
-            first_seen: iso_millis(r.first_seen),
-            last_seen: iso_millis(r.last_seen),
-            total_requests: r.total_requests,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-            total_tokens: r.total_tokens,
-            estimated_cost_usd: r.cost.parse().unwrap_or(0.0),
-            active_days: r.active_days,
-            plan: r.plan,
-            governance_level: r.level,
+        .map(|r| {
+            let l = labels.get(&r.install_id);
+            InstallationItem {
+                install_id: r.install_id.clone(),
+                account_id: l.map(|l| l.account_id.clone()).unwrap_or_default(),
+                first_seen: iso_millis(l.map_or(0, |l| l.first_seen)),
+                last_seen: iso_millis(l.map_or(0, |l| l.last_seen)),
+                total_requests: r.total_requests,
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.completion_tokens,
+                total_tokens: r.total_tokens,
+                estimated_cost_usd: r.cost.parse().unwrap_or(0.0),
+                unique_users: l.map_or(0, |l| l.unique_users),
+                active_days: r.active_days,
+                plan: l.map(|l| l.plan.clone()).unwrap_or_default(),
+                governance_level: l.map_or_else(|| "ok".to_string(), |l| l.level.clone()),
+            }
         })
         .collect();
     Ok((
         items,
         crate::summary::Meta {
-            total,
+            total: ranking.len() as u64,
             limit: params.limit,
             offset: params.offset,
         },
     ))
 }
 
-/// Unique user hashes in the range of each listed installation.
-async fn unique_users(
+/// What the page's installations are beside their totals: the small
+/// per-installation tables, and the distinct users (the costliest part)
+/// counted for these installations alone.
+async fn labels(
     client: &Client,
     range: &DateRange,
-    rows: &[InstallationRow],
-) -> Result<HashMap<String, u64>, QueryError> {
-    if rows.is_empty() {
+    page: &[&Ranked],
+) -> Result<HashMap<String, Labels>, QueryError> {
+    if page.is_empty() {
         return Ok(HashMap::new());
     }
-    let ids: Vec<&str> = rows.iter().map(|r| r.install_id.as_str()).collect();
-    let counts: Vec<(String, u64)> = client
+    let ids: Vec<&str> = page.iter().map(|r| r.install_id.as_str()).collect();
+    let rows: Vec<Labels> = client
         .query(
-            "SELECT install_id, uniqExact(user_hash) FROM usage_daily FINAL
-             WHERE install_id IN {ids:Array(String)}
-               AND date >= {date_from:Date} AND date <= {date_to:Date}
-             GROUP BY install_id",
+            "SELECT i.install_id AS install_id, ifNull(m.account_id, '') AS account_id,
+                    ifNull(m.plan, '') AS plan, ifNull(g.level, 'ok') AS level,
+                    ifNull(toUnixTimestamp64Milli(a.first_seen), 0) AS first_seen,
+                    ifNull(toUnixTimestamp64Milli(a.last_seen), 0) AS last_seen,
+                    ifNull(u.users, 0) AS unique_users
+             FROM (SELECT arrayJoin({ids:Array(String)}) AS install_id) AS i
+             LEFT JOIN (SELECT install_id, min(first_seen) AS first_seen, max(last_seen) AS last_seen
+                        FROM installation_activity WHERE install_id IN {ids:Array(String)}
+                        GROUP BY install_id) AS a ON a.install_id = i.install_id
+             LEFT JOIN (SELECT install_id, toString(account_id) AS account_id, toString(plan) AS plan
+                        FROM installation_metadata FINAL
+                        WHERE install_id IN {ids:Array(String)}) AS m ON m.install_id = i.install_id
+             LEFT JOIN (SELECT install_id,
+                               multiIf(argMax(kind, at) = 'cap_warning', 'warning',
+                                       argMax(kind, at) = 'cap_critical', 'critical',
+                                       argMax(kind, at) = 'blocked', 'blocked', 'ok') AS level
+                        FROM governance_decisions FINAL
+                        WHERE install_id IN {ids:Array(String)}
+                          AND kind IN ('cap_warning', 'cap_critical', 'blocked', 'unblocked')
+                          AND at >= toStartOfMonth(now64(3, 'UTC'))
+                        GROUP BY install_id) AS g ON g.install_id = i.install_id
+             LEFT JOIN (SELECT install_id, uniqExact(user_hash) AS users FROM usage_daily FINAL
+                        WHERE install_id IN {ids:Array(String)}
+                          AND date >= {date_from:Date} AND date <= {date_to:Date}
+                        GROUP BY install_id) AS u ON u.install_id = i.install_id
+             SETTINGS join_use_nulls = 1",
         )
         .param("ids", ids)
         .param("date_from", range.from.to_string())
         .param("date_to", range.to.to_string())
         .fetch_all()
         .await?;
-    Ok(counts.into_iter().collect())
+    Ok(rows
+        .into_iter()
+        .map(|l| (l.install_id.clone(), l))
+        .collect())
 }
 
 #[cfg(test)]

@@ -1,12 +1,16 @@
-//! The query API: summaries, raw events, installations and exports, served
-//! from ClickHouse.
+//! The query API: summaries, raw events, installations and exports, the
+//! fleet's figures and the provider dashboard, served from ClickHouse.
 
 pub mod access;
 pub mod config;
+pub mod dashboard;
+pub mod decisions;
 pub mod erasure;
 pub mod error;
 pub mod events;
 pub mod export;
+pub mod fleet;
+pub mod installation;
 pub mod installations;
 pub mod params;
 pub mod routes;
@@ -25,6 +29,7 @@ pub const SERVICE: &str = "query";
 /// A started query API.
 pub struct QueryApi {
     pub http: HttpService,
+    warmer: tokio::task::JoinHandle<()>,
 }
 
 impl Service for QueryApi {
@@ -53,6 +58,11 @@ impl Service for QueryApi {
             .clickhouse
             .client()
             .with_setting("do_not_merge_across_partitions_select_final", "1");
+        let policy = config
+            .governance
+            .policy()
+            .map_err(|e| QueryError::Startup(e.to_string()))?;
+        let ttl = std::time::Duration::from_secs(config.dashboard.cache_secs);
         let api = Arc::new(routes::Api {
             clickhouse: reader,
             jwt: config.jwt.verifier().map_err(QueryError::Startup)?,
@@ -61,7 +71,14 @@ impl Service for QueryApi {
                 producer,
                 kafka: config.kafka.clone(),
             },
+            policy: Arc::new(policy),
+            caches: fleet::Caches::new(ttl),
+            sessions: routes::Sessions {
+                secure: config.dashboard.secure_cookie,
+                max_age_secs: config.dashboard.session_hours * 3600,
+            },
         });
+        let warmed = api.clone();
         let http = HttpService::start(
             SERVICE,
             include_str!("../openapi.json"),
@@ -75,10 +92,25 @@ impl Service for QueryApi {
             addr: config.listen,
             source,
         })?;
-        Ok(Self { http })
+        let warmer = tokio::spawn(keep_warm(warmed, ttl));
+        Ok(Self { http, warmer })
     }
 
     async fn stop(self) {
+        self.warmer.abort();
         self.http.stop().await;
+    }
+}
+
+/// Recomputes the dashboard's expensive figures people are looking at
+/// before they expire (see [`fleet::cache`]).
+async fn keep_warm(api: Arc<routes::Api>, ttl: std::time::Duration) {
+    let every = (ttl / 4).max(std::time::Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let recomputed = api.caches.warm().await;
+        if recomputed > 0 {
+            tracing::debug!(recomputed, "dashboard figures recomputed");
+        }
     }
 }

@@ -84,6 +84,9 @@ pub struct PlanPolicy {
     pub spike_factor: f64,
     /// ... and at least this many requests (quiet sites do not spike on 3 events).
     pub spike_min_requests: u64,
+    /// What the plan costs an account per installation and month, in USD:
+    /// the revenue the dashboard sets against model cost.
+    pub monthly_price_usd: f64,
 }
 
 impl Default for PlanPolicy {
@@ -96,6 +99,7 @@ impl Default for PlanPolicy {
             abuse_tokens: 100_000,
             spike_factor: 10.0,
             spike_min_requests: 50,
+            monthly_price_usd: 0.0,
         }
     }
 }
@@ -150,18 +154,20 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        let cap = |c: Option<u64>| PlanPolicy {
+        // The contract's caps and the plugin's published prices.
+        let plan = |c: Option<u64>, price: f64| PlanPolicy {
             monthly_cap: c,
+            monthly_price_usd: price,
             ..PlanPolicy::default()
         };
         Self {
             plans: BTreeMap::from([
-                ("free".to_string(), cap(Some(50))),
-                ("pro".to_string(), cap(Some(10_000))),
-                ("agency".to_string(), cap(Some(100_000))),
-                ("credits".to_string(), cap(None)),
+                ("free".to_string(), plan(Some(50), 0.0)),
+                ("pro".to_string(), plan(Some(10_000), 12.99)),
+                ("agency".to_string(), plan(Some(100_000), 49.99)),
+                ("credits".to_string(), plan(None, 0.0)),
             ]),
-            default_plan: cap(Some(50)),
+            default_plan: plan(Some(50), 0.0),
             thresholds: Thresholds::default(),
         }
     }
@@ -277,6 +283,9 @@ mod tests {
         assert_eq!(p.plan("free").rate_tokens, 50_000);
         assert_eq!(p.plan("free").abuse_requests, 200);
         assert_eq!(p.plan("free").abuse_tokens, 100_000);
+        assert_eq!(p.plan("pro").monthly_price_usd, 12.99);
+        assert_eq!(p.plan("agency").monthly_price_usd, 49.99);
+        assert_eq!(p.plan("free").monthly_price_usd, 0.0);
     }
 
     #[test]

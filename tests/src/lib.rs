@@ -6,6 +6,7 @@
 //! run in parallel and never see each other's data, nor the data of a running
 //! local stack.
 
+pub mod browser;
 pub mod pipeline;
 pub mod processes;
 

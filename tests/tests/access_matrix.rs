@@ -61,7 +61,10 @@ async fn call(p: &Pipeline, bearer: &str, method: &str, path: &str, body: Option
         return (status, Some(n));
     }
     let body: Value = serde_json::from_str(&text).unwrap();
-    let visible = if let Some(rows) = body["data"].as_array() {
+    let visible = if let Some(n) = body["data"]["usage"]["all_time"]["generations"].as_u64() {
+        // The fleet overview and an installation's detail.
+        n
+    } else if let Some(rows) = body["data"].as_array() {
         rows.iter()
             .map(|r| r["total_requests"].as_u64().unwrap())
             .sum()
@@ -179,11 +182,31 @@ async fn every_role_sees_exactly_its_own_rows_on_every_endpoint() {
             Some(json!({"install_id": b.install_id, "date_from": today})),
             [ok(6), no, no, no, no, no],
         ),
+        // Lists and fleet figures cover what the token may see; a token
+        // listing a foreign installation sees an empty fleet.
         (
             format!("/api/usage/installations?date_from={today}"),
             "GET",
             None,
-            [ok(15), no, no, no, no, no],
+            [ok(15), ok(9), ok(9), ok(5), no, ok(0)],
+        ),
+        (
+            "/provider/fleet/overview".into(),
+            "GET",
+            None,
+            [ok(15), ok(9), ok(9), ok(5), no, ok(0)],
+        ),
+        (
+            format!("/provider/installations/{}", a1.install_id),
+            "GET",
+            None,
+            [ok(5), ok(5), ok(5), ok(5), no, no],
+        ),
+        (
+            format!("/provider/installations/{}", b.install_id),
+            "GET",
+            None,
+            [ok(6), no, no, no, no, no],
         ),
     ];
     for (path, method, body, expected) in &matrix {

@@ -726,9 +726,36 @@ async fn provider_admins_list_installations_with_totals_plan_and_level() {
     );
     assert_eq!(page["meta"], json!({"total": 2, "limit": 1, "offset": 1}));
 
-    // Not for accounts.
+    // A search: part of the install id, or the whole account id.
+    let part = &b.install_id[9..18];
+    for q in [part, b.account_id.as_str()] {
+        let (status, found) = get(
+            &p,
+            &format!("/api/usage/installations?date_from={}&q={q}", day(5)),
+        )
+        .await;
+        assert_eq!(status, 200, "{found}");
+        assert_eq!(
+            found["installations"][0]["install_id"],
+            b.install_id.as_str(),
+            "{q}"
+        );
+        assert_eq!(found["meta"]["total"], 1, "{q}");
+    }
+    let (_, none) = get(
+        &p,
+        &format!("/api/usage/installations?date_from={}&q=zzzz", day(5)),
+    )
+    .await;
+    assert_eq!(none["meta"]["total"], 0);
+
+    // An account sees its own installations only.
     let r = http()
-        .get(format!("http://{}/api/usage/installations", p.query_addr))
+        .get(format!(
+            "http://{}/api/usage/installations?date_from={}",
+            p.query_addr,
+            day(5)
+        ))
         .bearer_auth(usage_e2e::pipeline::token(
             usage_service_kit::auth::Role::Account,
             Some(&a.account_id),
@@ -736,8 +763,10 @@ async fn provider_admins_list_installations_with_totals_plan_and_level() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "forbidden");
+    assert_eq!(r.status(), 200);
+    let own: Value = r.json().await.unwrap();
+    assert_eq!(own["meta"]["total"], 1);
+    assert_eq!(own["installations"][0]["install_id"], a.install_id.as_str());
     p.stop().await;
 }
 
