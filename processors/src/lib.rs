@@ -225,7 +225,7 @@ impl Service for Processors {
         let probes = vec![config.kafka.probe(), config.clickhouse.probe()];
         let http = HttpService::start(
             SERVICE,
-            include_str!("../openapi.json"),
+            openapi_document(),
             config.listen,
             metrics,
             probes,
@@ -268,4 +268,21 @@ impl Service for Processors {
         }
         self.http.stop().await;
     }
+}
+
+/// The processors' OpenAPI document: only the operational endpoints every
+/// service has, derived from their handlers.
+fn openapi_document() -> &'static str {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        let mut doc = usage_service_kit::server::operations_openapi();
+        doc.info.title = "usage-processors".into();
+        doc.info.version = env!("CARGO_PKG_VERSION").into();
+        doc.info.description = Some(
+            "The stream processors: rollups, governance and the registry mirror from Kafka into \
+             ClickHouse. No API of their own: health, readiness and metrics."
+                .into(),
+        );
+        doc.to_pretty_json().unwrap_or_default()
+    })
 }

@@ -75,7 +75,7 @@ struct DecisionRow {
     total: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Decision {
     pub decision_id: String,
     pub install_id: String,

@@ -38,7 +38,7 @@ pub struct Eraser {
     pub kafka: KafkaArgs,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Erased {
     pub install_id: String,
     pub erased_at: String,

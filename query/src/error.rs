@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 
-use serde_json::json;
 use usage_service_kit::auth::JwtError;
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
@@ -76,7 +75,11 @@ impl QueryError {
         if let QueryError::ClickHouse(err) = &self {
             tracing::warn!(%err, "ClickHouse query failed");
         }
-        let body = json!({"success": false, "error": self.code(), "message": self.to_string()});
+        let body = crate::openapi::ErrorBody {
+            success: false,
+            error: self.code().to_string(),
+            message: self.to_string(),
+        };
         let status = self.status();
         let mut response =
             warp::reply::with_status(warp::reply::json(&body), status).into_response();

@@ -116,7 +116,7 @@ struct EventRow {
     billing_month: String,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct EventItem {
     pub event_id: String,
     pub install_id: String,
@@ -135,7 +135,7 @@ pub struct EventItem {
     pub billing_month: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventsMeta {
     pub total: u64,
     pub limit: u64,

@@ -24,7 +24,7 @@ use crate::events::iso_millis;
 use crate::fleet::overview::Usage;
 use crate::fleet::usd;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Installation {
     pub install_id: String,
     pub account_id: String,
@@ -46,13 +46,13 @@ pub struct Installation {
     pub open_episodes: Vec<Episode>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct InstallationUsage {
     pub all_time: Usage,
     pub month_to_date: Usage,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Threshold {
     pub level: &'static str,
     pub percent: f64,
@@ -60,7 +60,7 @@ pub struct Threshold {
     pub at: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CapProgress {
     pub billing_month: String,
     /// Generations counted toward the billing month.
@@ -82,7 +82,7 @@ struct EpisodeRow {
     until_ms: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Episode {
     pub kind: String,
     pub episode_id: String,

@@ -199,7 +199,7 @@ struct Labels {
     unique_users: u64,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct InstallationItem {
     pub install_id: String,
     pub account_id: String,

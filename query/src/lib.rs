@@ -12,6 +12,7 @@ pub mod export;
 pub mod fleet;
 pub mod installation;
 pub mod installations;
+pub mod openapi;
 pub mod params;
 pub mod routes;
 pub mod summary;
@@ -81,7 +82,7 @@ impl Service for QueryApi {
         let warmed = api.clone();
         let http = HttpService::start(
             SERVICE,
-            include_str!("../openapi.json"),
+            openapi::document(),
             config.listen,
             metrics,
             probes,

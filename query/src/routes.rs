@@ -29,7 +29,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::Utc;
 use serde::Serialize;
-use serde_json::{json, Value};
 use usage_service_kit::auth::{Claims, JwtError, JwtVerifier};
 use usage_service_kit::policy::Policy;
 use warp::filters::BoxedFilter;
@@ -39,8 +38,14 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::dashboard::{self, session};
 use crate::error::QueryError;
+use crate::export::ExportBody;
 use crate::fleet::cache::{recipe, Kept};
 use crate::fleet::{analytics, anomalies, overview, projection, Caches, Fleet};
+use crate::openapi::{
+    AnalyticsAnswer, AnomaliesAnswer, DecisionsAnswer, Done, ErasureAnswer, ErrorBody,
+    EventsAnswer, Freshness, InstallationAnswer, InstallationsAnswer, OverviewAnswer,
+    PagedFreshness, ProjectionAnswer, Session, SessionAnswer, SignIn, SummaryAnswer,
+};
 use crate::params::Query;
 use crate::{access, decisions, erasure, events, export, installation, installations, summary};
 
@@ -60,16 +65,17 @@ pub struct Sessions {
     pub max_age_secs: i64,
 }
 
-fn ok(body: Value) -> Result<Response, QueryError> {
-    Ok(warp::reply::json(&body).into_response())
+fn ok(body: &impl Serialize) -> Result<Response, QueryError> {
+    Ok(warp::reply::json(body).into_response())
 }
 
-/// `meta` of a kept answer: when it was computed and how old it may be.
-fn freshness<T>(kept: &Kept<T>, caches_ttl: std::time::Duration) -> Value {
-    json!({
-        "computed_at": kept.computed_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "max_age_secs": caches_ttl.as_secs(),
-    })
+fn freshness<T>(kept: &Kept<T>, ttl: std::time::Duration) -> Freshness {
+    Freshness {
+        computed_at: kept
+            .computed_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        max_age_secs: ttl.as_secs(),
+    }
 }
 
 impl Api {
@@ -94,280 +100,515 @@ impl Api {
         }
         self.claims(headers)
     }
+}
 
-    async fn get_summary(&self, headers: HeaderMap, query: Query) -> Result<Response, QueryError> {
-        let claims = self.claims(&headers)?;
-        let params = summary::SummaryParams::parse(&query, summary::today())?;
-        let scope = access::scope(&self.clickhouse, &claims, params.install_id.as_deref()).await?;
-        let (data, meta) = summary::summary(&self.clickhouse, &params, &scope).await?;
-        ok(json!({"success": true, "data": data, "meta": meta}))
-    }
+/// The error answers every read may give.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // documentation only
+enum ReadErrors {
+    /// invalid_parameters: the message says what to fix.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// invalid_token or token_expired.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// forbidden: the token may not see this.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// storage_unavailable (Retry-After).
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
 
-    async fn get_events(&self, headers: HeaderMap, query: Query) -> Result<Response, QueryError> {
-        let claims = self.claims(&headers)?;
-        let params = events::EventsParams::parse(&query, summary::today())?;
-        let scope = access::scope(&self.clickhouse, &claims, Some(&params.install_id)).await?;
-        let (events, meta) = events::events(&self.clickhouse, &params, &scope).await?;
-        ok(json!({"success": true, "events": events, "meta": meta}))
-    }
+/// The days a request covers.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only: params::DateRange parses them
+struct Range {
+    /// First day, inclusive, UTC (default: 29 days before `date_to`).
+    #[param(format = Date)]
+    date_from: Option<String>,
+    /// Last day, inclusive, UTC (default: today).
+    #[param(format = Date)]
+    date_to: Option<String>,
+}
 
-    async fn get_decisions(
-        &self,
-        headers: HeaderMap,
-        query: Query,
-    ) -> Result<Response, QueryError> {
-        let claims = self.claims(&headers)?;
-        Fleet::of(&claims)?;
-        let params = decisions::DecisionsParams::parse(&query, summary::today())?;
-        let scope = access::scope(&self.clickhouse, &claims, params.install_id.as_deref()).await?;
-        let (list, meta) = decisions::decisions(&self.clickhouse, &params, &scope).await?;
-        ok(json!({"success": true, "decisions": list, "meta": meta}))
-    }
+/// Row filters (params::Filters).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // documentation only
+struct RowFilters {
+    /// `inline`, `bulk`, `queue` or `manual`.
+    source: Option<String>,
+    /// A model name.
+    model: Option<String>,
+    /// 64 hex characters.
+    user_hash: Option<String>,
+}
 
-    async fn get_installation(
-        &self,
-        headers: HeaderMap,
-        install_id: String,
-    ) -> Result<Response, QueryError> {
-        let claims = self.claims(&headers)?;
-        // Figures of the whole installation: not for a `user` token.
-        Fleet::of(&claims)?;
-        access::scope(&self.clickhouse, &claims, Some(&install_id)).await?;
-        let data =
-            installation::installation(&self.clickhouse, &self.policy, &install_id, Utc::now())
-                .await?;
-        ok(json!({"success": true, "data": data}))
-    }
+/// Usage rollups grouped by day, user, source, model, month or billing month.
+#[utoipa::path(get, path = "/provider/usage/summary", tag = "usage",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("install_id" = Option<String>, Query, description = "Required unless the token is provider-level; without it, rows per installation across all."),
+        Range,
+        ("group_by" = Option<String>, Query, description = "`day` (default), `user`, `source`, `model`, `month` (of created_at), `billing_month` (the month usage counts toward for caps and billing)."),
+        RowFilters,
+        ("limit" = Option<u64>, Query, description = "1..=1000, default 100."),
+        ("offset" = Option<u64>, Query, description = "Rows to skip."),
+    ),
+    responses((status = 200, description = "Rows and the exact number of groups.", body = SummaryAnswer), ReadErrors))]
+pub async fn get_summary(
+    api: &Api,
+    headers: HeaderMap,
+    query: Query,
+) -> Result<Response, QueryError> {
+    let claims = api.claims(&headers)?;
+    let params = summary::SummaryParams::parse(&query, summary::today())?;
+    let scope = access::scope(&api.clickhouse, &claims, params.install_id.as_deref()).await?;
+    let (data, meta) = summary::summary(&api.clickhouse, &params, &scope).await?;
+    ok(&SummaryAnswer {
+        success: true,
+        data,
+        meta,
+    })
+}
 
-    async fn get_overview(&self, headers: HeaderMap, query: Query) -> Result<Response, QueryError> {
-        let fleet = Fleet::of(&self.claims(&headers)?)?;
-        let today = summary::today();
-        let params = overview::OverviewParams::parse(&query, today)?;
-        let key = format!("{}|{}|{today}", fleet.key(), params.key());
-        let (client, policy) = (self.clickhouse.clone(), self.policy.clone());
-        let kept = self
-            .caches
-            .overview
-            .get(
-                &key,
-                recipe(move || {
-                    let (client, fleet, policy, params) =
-                        (client.clone(), fleet.clone(), policy.clone(), params.clone());
-                    async move { overview::overview(&client, &fleet, &policy, &params, today).await }
-                }),
-            )
-            .await?;
-        self.kept(&kept, self.caches.overview.ttl())
-    }
+/// Raw events of one installation, newest first; offset or keyset (cursor) paging.
+#[utoipa::path(get, path = "/provider/usage/events", tag = "usage",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("install_id" = String, Query, description = "The installation."),
+        Range,
+        RowFilters,
+        ("limit" = Option<u64>, Query, description = "1..=1000, default 100."),
+        ("offset" = Option<u64>, Query, description = "Rows to skip (not with cursor)."),
+        ("cursor" = Option<String>, Query, description = "`meta.next_cursor` of the previous page."),
+    ),
+    responses((status = 200, description = "A page of events.", body = EventsAnswer), ReadErrors))]
+pub async fn get_events(
+    api: &Api,
+    headers: HeaderMap,
+    query: Query,
+) -> Result<Response, QueryError> {
+    let claims = api.claims(&headers)?;
+    let params = events::EventsParams::parse(&query, summary::today())?;
+    let scope = access::scope(&api.clickhouse, &claims, Some(&params.install_id)).await?;
+    let (events, meta) = events::events(&api.clickhouse, &params, &scope).await?;
+    ok(&EventsAnswer {
+        success: true,
+        events,
+        meta,
+    })
+}
 
-    fn kept<T: Serialize>(
-        &self,
-        kept: &Kept<T>,
-        ttl: std::time::Duration,
-    ) -> Result<Response, QueryError> {
-        ok(json!({"success": true, "data": &*kept.value, "meta": freshness(kept, ttl)}))
-    }
+/// An installation's governance history (rate limits, abuse and spike
+/// flags, cap alerts, blocks and their ends), newest first.
+#[utoipa::path(get, path = "/provider/usage/decisions", tag = "usage",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("install_id" = Option<String>, Query, description = "Required unless the token is provider-level."),
+        Range,
+        ("kind" = Option<String>, Query, description = "One decision kind, e.g. `rate_limited`, `cap_warning`, `blocked`."),
+        ("limit" = Option<u64>, Query, description = "1..=1000, default 200."),
+        ("offset" = Option<u64>, Query, description = "Rows to skip."),
+    ),
+    responses((status = 200, description = "Decisions, newest first.", body = DecisionsAnswer), ReadErrors))]
+pub async fn get_decisions(
+    api: &Api,
+    headers: HeaderMap,
+    query: Query,
+) -> Result<Response, QueryError> {
+    let claims = api.claims(&headers)?;
+    Fleet::of(&claims)?;
+    let params = decisions::DecisionsParams::parse(&query, summary::today())?;
+    let scope = access::scope(&api.clickhouse, &claims, params.install_id.as_deref()).await?;
+    let (list, meta) = decisions::decisions(&api.clickhouse, &params, &scope).await?;
+    ok(&DecisionsAnswer {
+        success: true,
+        decisions: list,
+        meta,
+    })
+}
 
-    async fn get_analytics(
-        &self,
-        headers: HeaderMap,
-        query: Query,
-    ) -> Result<Response, QueryError> {
-        let fleet = Fleet::of(&self.claims(&headers)?)?;
-        let today = summary::today();
-        let params = analytics::AnalyticsParams::parse(&query, today)?;
-        let key = format!("{}|{}|{today}", fleet.key(), params.key());
-        let client = self.clickhouse.clone();
-        let kept = self
-            .caches
-            .analytics
-            .get(
-                &key,
-                recipe(move || {
-                    let (client, fleet, params) = (client.clone(), fleet.clone(), params.clone());
-                    async move { analytics::analytics(&client, &fleet, &params).await }
-                }),
-            )
-            .await?;
-        self.kept(&kept, self.caches.analytics.ttl())
-    }
+/// One installation in depth: registry facts, first and last seen, usage,
+/// cap progress against the thresholds, open governance episodes.
+#[utoipa::path(get, path = "/provider/installations/{install_id}", tag = "installations",
+    security(("bearer" = []), ("session" = [])),
+    params(("install_id" = String, Path, description = "The installation.")),
+    responses(
+        (status = 200, description = "The installation.", body = InstallationAnswer),
+        (status = 404, description = "not_found: no such installation (provider-level tokens).", body = ErrorBody),
+        ReadErrors))]
+pub async fn get_installation(
+    api: &Api,
+    headers: HeaderMap,
+    install_id: String,
+) -> Result<Response, QueryError> {
+    let claims = api.claims(&headers)?;
+    // Figures of the whole installation: not for a `user` token.
+    Fleet::of(&claims)?;
+    access::scope(&api.clickhouse, &claims, Some(&install_id)).await?;
+    let data =
+        installation::installation(&api.clickhouse, &api.policy, &install_id, Utc::now()).await?;
+    ok(&InstallationAnswer {
+        success: true,
+        data,
+    })
+}
 
-    async fn get_projection(
-        &self,
-        headers: HeaderMap,
-        query: Query,
-    ) -> Result<Response, QueryError> {
-        let fleet = Fleet::of(&self.claims(&headers)?)?;
-        let params = projection::ProjectionParams::parse(&query)?;
-        let today = summary::today();
-        let key = format!("{}|{today}", fleet.key());
-        let client = self.clickhouse.clone();
-        let kept = self
-            .caches
-            .projection
-            .get(
-                &key,
-                recipe(move || {
-                    let (client, fleet) = (client.clone(), fleet.clone());
-                    async move {
-                        let now = Utc::now();
-                        let clock = if now.date_naive() == today {
-                            projection::clock_at(now)
-                        } else {
-                            projection::Clock {
-                                today,
-                                elapsed: 1.0,
-                            }
-                        };
-                        projection::projection(&client, &fleet, clock).await
-                    }
-                }),
-            )
-            .await?;
-        let mut data = serde_json::to_value(&*kept.value)
-            .map_err(|e| QueryError::Startup(format!("projection: {e}")))?;
-        data["installations"] = serde_json::to_value(kept.value.page(&params))
-            .map_err(|e| QueryError::Startup(format!("projection: {e}")))?;
-        let mut meta = freshness(&kept, self.caches.projection.ttl());
-        meta["total"] = json!(kept.value.installations.len());
-        meta["limit"] = json!(params.limit);
-        meta["offset"] = json!(params.offset);
-        ok(json!({"success": true, "data": data, "meta": meta}))
-    }
+/// The fleet at a glance: installations, usage and cost all time, this
+/// month and over 30 days, revenue and margin, the top 10 by tokens and by
+/// cost, a daily trend against the period before, installations near their cap.
+#[utoipa::path(get, path = "/provider/fleet/overview", tag = "fleet",
+    security(("bearer" = []), ("session" = [])),
+    params(Range),
+    responses((status = 200, description = "The overview of the fleet the token may see.", body = OverviewAnswer), ReadErrors))]
+pub async fn get_overview(
+    api: &Api,
+    headers: HeaderMap,
+    query: Query,
+) -> Result<Response, QueryError> {
+    let fleet = Fleet::of(&api.claims(&headers)?)?;
+    let today = summary::today();
+    let params = overview::OverviewParams::parse(&query, today)?;
+    let key = format!("{}|{}|{today}", fleet.key(), params.key());
+    let (client, policy) = (api.clickhouse.clone(), api.policy.clone());
+    let kept = api
+        .caches
+        .overview
+        .get(
+            &key,
+            recipe(move || {
+                let (client, fleet, policy, params) = (
+                    client.clone(),
+                    fleet.clone(),
+                    policy.clone(),
+                    params.clone(),
+                );
+                async move { overview::overview(&client, &fleet, &policy, &params, today).await }
+            }),
+        )
+        .await?;
+    ok(&OverviewAnswer {
+        success: true,
+        data: &kept.value,
+        meta: freshness(&kept, api.caches.overview.ttl()),
+    })
+}
 
-    async fn get_anomalies(
-        &self,
-        headers: HeaderMap,
-        query: Query,
-    ) -> Result<Response, QueryError> {
-        let fleet = Fleet::of(&self.claims(&headers)?)?;
-        let params = anomalies::AnomaliesParams::parse(&query)?;
-        let today = summary::today();
-        let key = format!("{}|{}:{}|{today}", fleet.key(), params.days, params.limit);
-        let client = self.clickhouse.clone();
-        let kept = self
-            .caches
-            .anomalies
-            .get(
-                &key,
-                recipe(move || {
-                    let (client, fleet, params) = (client.clone(), fleet.clone(), params.clone());
-                    async move { anomalies::anomalies(&client, &fleet, &params, today).await }
-                }),
-            )
-            .await?;
-        self.kept(&kept, self.caches.anomalies.ttl())
-    }
+/// Trends across installations: daily totals, model adoption and source
+/// popularity per month, cost by model, installations by monthly usage.
+#[utoipa::path(get, path = "/provider/fleet/analytics", tag = "fleet",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        Range,
+        ("months" = Option<u64>, Query, description = "Months of the monthly series, this one included: 1..=24, default 12."),
+        ("month" = Option<String>, Query, description = "`YYYY-MM` of the distribution (default: this month)."),
+    ),
+    responses((status = 200, description = "The analytics of the fleet the token may see.", body = AnalyticsAnswer), ReadErrors))]
+pub async fn get_analytics(
+    api: &Api,
+    headers: HeaderMap,
+    query: Query,
+) -> Result<Response, QueryError> {
+    let fleet = Fleet::of(&api.claims(&headers)?)?;
+    let today = summary::today();
+    let params = analytics::AnalyticsParams::parse(&query, today)?;
+    let key = format!("{}|{}|{today}", fleet.key(), params.key());
+    let client = api.clickhouse.clone();
+    let kept = api
+        .caches
+        .analytics
+        .get(
+            &key,
+            recipe(move || {
+                let (client, fleet, params) = (client.clone(), fleet.clone(), params.clone());
+                async move { analytics::analytics(&client, &fleet, &params).await }
+            }),
+        )
+        .await?;
+    ok(&AnalyticsAnswer {
+        success: true,
+        data: &kept.value,
+        meta: freshness(&kept, api.caches.analytics.ttl()),
+    })
+}
 
-    async fn get_installations(
-        &self,
-        headers: HeaderMap,
-        query: Query,
-    ) -> Result<Response, QueryError> {
-        let fleet = Fleet::of(&self.claims(&headers)?)?;
-        let params = installations::InstallationsParams::parse(&query, summary::today())?;
-        let key = format!(
-            "{}|{}..{}|{}",
-            fleet.key(),
-            params.range.from,
-            params.range.to,
-            params.q.as_deref().unwrap_or("")
-        );
-        let client = self.clickhouse.clone();
-        let (range, q) = (params.range, params.q.clone());
-        let ranking =
-            self.caches
-                .rankings
-                .get(
-                    &key,
-                    recipe(move || {
-                        let (client, fleet, q) = (client.clone(), fleet.clone(), q.clone());
-                        async move {
-                            installations::ranking(&client, &fleet, &range, q.as_deref()).await
+/// This month's generations and cost at month end, for the fleet and each
+/// installation, as 80% intervals; the method is stated in the answer.
+#[utoipa::path(get, path = "/provider/fleet/projection", tag = "fleet",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("sort_by" = Option<String>, Query, description = "`cost` (default) or `generations`: the installations' order, by projected month end."),
+        ("limit" = Option<u64>, Query, description = "1..=500, default 20."),
+        ("offset" = Option<u64>, Query, description = "Installations to skip."),
+    ),
+    responses((status = 200, description = "The projection.", body = ProjectionAnswer), ReadErrors))]
+pub async fn get_projection(
+    api: &Api,
+    headers: HeaderMap,
+    query: Query,
+) -> Result<Response, QueryError> {
+    let fleet = Fleet::of(&api.claims(&headers)?)?;
+    let params = projection::ProjectionParams::parse(&query)?;
+    let today = summary::today();
+    let key = format!("{}|{today}", fleet.key());
+    let client = api.clickhouse.clone();
+    let kept = api
+        .caches
+        .projection
+        .get(
+            &key,
+            recipe(move || {
+                let (client, fleet) = (client.clone(), fleet.clone());
+                async move {
+                    let now = Utc::now();
+                    let clock = if now.date_naive() == today {
+                        projection::clock_at(now)
+                    } else {
+                        projection::Clock {
+                            today,
+                            elapsed: 1.0,
                         }
-                    }),
-                )
-                .await?;
-        let (list, meta) =
-            installations::installations(&self.clickhouse, &ranking.value, &params).await?;
-        ok(json!({"success": true, "installations": list, "meta": meta}))
-    }
+                    };
+                    projection::projection(&client, &fleet, clock).await
+                }
+            }),
+        )
+        .await?;
+    let fresh = freshness(&kept, api.caches.projection.ttl());
+    ok(&ProjectionAnswer {
+        success: true,
+        data: kept.value.page(&params),
+        meta: PagedFreshness {
+            computed_at: fresh.computed_at,
+            max_age_secs: fresh.max_age_secs,
+            total: kept.value.installations.len() as u64,
+            limit: params.limit,
+            offset: params.offset,
+        },
+    })
+}
 
-    async fn delete_installation(
-        &self,
-        headers: HeaderMap,
-        install_id: String,
-    ) -> Result<Response, QueryError> {
-        let claims = self.claims_to_change(&headers)?;
-        access::may_erase(&self.clickhouse, &claims, &install_id).await?;
-        let by = format!("{}:{:?}", claims.sub, claims.role);
-        let erased = self.eraser.erase(&install_id, &by).await?;
-        ok(json!({"success": true, "erased": erased}))
-    }
+/// Installations whose usage departs from their own baseline (spikes,
+/// drops) and governance episodes (abuse, spike flags, rate limits,
+/// blocks), ranked; the method is stated in the answer.
+#[utoipa::path(get, path = "/provider/fleet/anomalies", tag = "fleet",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        ("days" = Option<u64>, Query, description = "The last days examined: 1..=28, default 7."),
+        ("limit" = Option<u64>, Query, description = "1..=500, default 100."),
+    ),
+    responses((status = 200, description = "Anomalies, highest score first.", body = AnomaliesAnswer), ReadErrors))]
+pub async fn get_anomalies(
+    api: &Api,
+    headers: HeaderMap,
+    query: Query,
+) -> Result<Response, QueryError> {
+    let fleet = Fleet::of(&api.claims(&headers)?)?;
+    let params = anomalies::AnomaliesParams::parse(&query)?;
+    let today = summary::today();
+    let key = format!("{}|{}:{}|{today}", fleet.key(), params.days, params.limit);
+    let client = api.clickhouse.clone();
+    let kept = api
+        .caches
+        .anomalies
+        .get(
+            &key,
+            recipe(move || {
+                let (client, fleet, params) = (client.clone(), fleet.clone(), params.clone());
+                async move { anomalies::anomalies(&client, &fleet, &params, today).await }
+            }),
+        )
+        .await?;
+    ok(&AnomaliesAnswer {
+        success: true,
+        data: &kept.value,
+        meta: freshness(&kept, api.caches.anomalies.ttl()),
+    })
+}
 
-    async fn post_export(&self, headers: HeaderMap, body: Bytes) -> Result<Response, QueryError> {
-        let claims = self.claims_to_change(&headers)?;
-        let body: export::ExportBody = serde_json::from_slice(&body)
-            .map_err(|e| QueryError::BadRequest(format!("the body must be a JSON object: {e}")))?;
-        let today = summary::today();
-        let params = export::ExportParams::parse(body, today)?;
-        let scope = access::scope(&self.clickhouse, &claims, params.install_id.as_deref()).await?;
-        export::export(&self.clickhouse, &params, &scope, today).await
-    }
+/// Every installation the token may see with usage in the range: totals,
+/// first and last generation, unique users, active days, plan and level.
+#[utoipa::path(get, path = "/api/usage/installations", tag = "installations",
+    security(("bearer" = []), ("session" = [])),
+    params(
+        Range,
+        ("q" = Option<String>, Query, description = "A search: part of an install id, the start of a site hash, or a whole account id (at most 100 characters)."),
+        ("sort_by" = Option<String>, Query, description = "`tokens` (default), `cost`, `date` (last day with usage), `requests`."),
+        ("order" = Option<String>, Query, description = "`desc` (default) or `asc`; ties by install_id."),
+        ("limit" = Option<u64>, Query, description = "1..=500, default 50."),
+        ("offset" = Option<u64>, Query, description = "Rows to skip."),
+    ),
+    responses((status = 200, description = "A page of installations.", body = InstallationsAnswer), ReadErrors))]
+pub async fn get_installations(
+    api: &Api,
+    headers: HeaderMap,
+    query: Query,
+) -> Result<Response, QueryError> {
+    let fleet = Fleet::of(&api.claims(&headers)?)?;
+    let params = installations::InstallationsParams::parse(&query, summary::today())?;
+    let key = format!(
+        "{}|{}..{}|{}",
+        fleet.key(),
+        params.range.from,
+        params.range.to,
+        params.q.as_deref().unwrap_or("")
+    );
+    let client = api.clickhouse.clone();
+    let (range, q) = (params.range, params.q.clone());
+    let ranking = api
+        .caches
+        .rankings
+        .get(
+            &key,
+            recipe(move || {
+                let (client, fleet, q) = (client.clone(), fleet.clone(), q.clone());
+                async move { installations::ranking(&client, &fleet, &range, q.as_deref()).await }
+            }),
+        )
+        .await?;
+    let (list, meta) =
+        installations::installations(&api.clickhouse, &ranking.value, &params).await?;
+    ok(&InstallationsAnswer {
+        success: true,
+        installations: list,
+        meta,
+    })
+}
 
-    fn session_of(claims: &Claims) -> Value {
-        json!({
-            "sub": claims.sub,
-            "role": claims.role,
-            "account_id": claims.account_id,
-            "install_ids": claims.install_ids,
-            "expires_at": chrono::DateTime::from_timestamp(claims.exp, 0)
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-        })
-    }
+/// Right to erasure: removes every row of the installation, tombstones it,
+/// and keeps replays from restoring it.
+#[utoipa::path(delete, path = "/api/usage/installations/{install_id}", tag = "installations",
+    security(("bearer" = []), ("session" = [])),
+    params(("install_id" = String, Path, description = "The installation.")),
+    responses(
+        (status = 200, description = "What was removed.", body = ErasureAnswer),
+        (status = 401, description = "invalid_token or token_expired.", body = ErrorBody),
+        (status = 403, description = "forbidden: the token lacks data:erase, or the installation is another account's; cross_site_request: the session cookie from another site's page.", body = ErrorBody),
+        (status = 503, description = "storage_unavailable, queue_unavailable or erasure_incomplete (Retry-After).", body = ErrorBody)))]
+pub async fn delete_installation(
+    api: &Api,
+    headers: HeaderMap,
+    install_id: String,
+) -> Result<Response, QueryError> {
+    let claims = api.claims_to_change(&headers)?;
+    access::may_erase(&api.clickhouse, &claims, &install_id).await?;
+    let by = format!("{}:{:?}", claims.sub, claims.role);
+    let erased = api.eraser.erase(&install_id, &by).await?;
+    ok(&ErasureAnswer {
+        success: true,
+        erased,
+    })
+}
 
-    async fn get_session(&self, headers: HeaderMap) -> Result<Response, QueryError> {
-        let claims = self.claims(&headers)?;
-        ok(json!({"success": true, "session": Self::session_of(&claims)}))
-    }
+/// CSV (the contract's header) or JSON Lines, streamed.
+#[utoipa::path(post, path = "/api/usage/export", tag = "usage",
+    security(("bearer" = []), ("session" = [])),
+    request_body(content = ExportBody, description = "What to export; every field optional.", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The export, streamed; Content-Disposition: attachment; filename=\"usage-export-YYYY-MM-DD.csv\" (or .jsonl).",
+            content((String = "text/csv"), (String = "application/x-ndjson"))),
+        ReadErrors))]
+pub async fn post_export(
+    api: &Api,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, QueryError> {
+    let claims = api.claims_to_change(&headers)?;
+    let body: ExportBody = serde_json::from_slice(&body)
+        .map_err(|e| QueryError::BadRequest(format!("the body must be a JSON object: {e}")))?;
+    let today = summary::today();
+    let params = export::ExportParams::parse(body, today)?;
+    let scope = access::scope(&api.clickhouse, &claims, params.install_id.as_deref()).await?;
+    export::export(&api.clickhouse, &params, &scope, today).await
+}
 
-    async fn post_session(&self, headers: HeaderMap, body: Bytes) -> Result<Response, QueryError> {
-        if !session::same_origin(&headers) {
-            return Err(QueryError::CrossSite);
-        }
-        #[derive(serde::Deserialize)]
-        struct SignIn {
-            token: String,
-        }
-        let body: SignIn = serde_json::from_slice(&body).map_err(|_| {
-            QueryError::BadRequest("the body must be {\"token\": \"<a JWT>\"}".into())
-        })?;
-        let token = body.token.trim();
-        let now = Utc::now().timestamp();
-        let claims = self.jwt.verify(token, now)?;
-        let max_age = (claims.exp - now).min(self.sessions.max_age_secs);
-        let mut response =
-            warp::reply::json(&json!({"success": true, "session": Self::session_of(&claims)}))
-                .into_response();
-        let cookie = session::open(token, max_age, self.sessions.secure);
-        response.headers_mut().insert(
-            "set-cookie",
-            HeaderValue::from_str(&cookie)
-                .map_err(|_| QueryError::BadRequest("the token is not a JWT".into()))?,
-        );
-        Ok(response)
+fn session_of(claims: &Claims) -> Session {
+    Session {
+        sub: claims.sub.clone(),
+        role: serde_json::to_value(claims.role)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        account_id: claims.account_id.clone(),
+        install_ids: claims.install_ids.clone(),
+        expires_at: chrono::DateTime::from_timestamp(claims.exp, 0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
     }
+}
 
-    async fn delete_session(&self, headers: HeaderMap) -> Result<Response, QueryError> {
-        if !session::same_origin(&headers) {
-            return Err(QueryError::CrossSite);
-        }
-        let mut response = warp::reply::json(&json!({"success": true})).into_response();
-        if let Ok(cookie) = HeaderValue::from_str(&session::close(self.sessions.secure)) {
-            response.headers_mut().insert("set-cookie", cookie);
-        }
-        Ok(response)
+/// Who is signed in (the session cookie, or the bearer token).
+#[utoipa::path(get, path = "/dashboard/session", tag = "dashboard",
+    security(("session" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The session.", body = SessionAnswer),
+        (status = 401, description = "invalid_token or token_expired: nobody is signed in.", body = ErrorBody)))]
+pub async fn get_session(api: &Api, headers: HeaderMap) -> Result<Response, QueryError> {
+    let claims = api.claims(&headers)?;
+    ok(&SessionAnswer {
+        success: true,
+        session: session_of(&claims),
+    })
+}
+
+/// Signs the browser in: verifies the token like any request and answers
+/// with an HttpOnly, SameSite=Strict session cookie holding it, for at most
+/// its lifetime. Only from the dashboard's own page.
+#[utoipa::path(post, path = "/dashboard/session", tag = "dashboard",
+    request_body(content = SignIn, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Signed in; Set-Cookie: usage_session=...; HttpOnly; SameSite=Strict.", body = SessionAnswer),
+        (status = 400, description = "invalid_parameters: the body is not {\"token\": ...}.", body = ErrorBody),
+        (status = 401, description = "invalid_token or token_expired.", body = ErrorBody),
+        (status = 403, description = "cross_site_request: not from the dashboard's own page.", body = ErrorBody)))]
+pub async fn post_session(
+    api: &Api,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, QueryError> {
+    if !session::same_origin(&headers) {
+        return Err(QueryError::CrossSite);
     }
+    let body: SignIn = serde_json::from_slice(&body)
+        .map_err(|_| QueryError::BadRequest("the body must be {\"token\": \"<a JWT>\"}".into()))?;
+    let token = body.token.trim();
+    let now = Utc::now().timestamp();
+    let claims = api.jwt.verify(token, now)?;
+    let max_age = (claims.exp - now).min(api.sessions.max_age_secs);
+    let cookie = HeaderValue::from_str(&session::open(token, max_age, api.sessions.secure))
+        .map_err(|_| QueryError::BadRequest("the token is not a JWT".into()))?;
+    let mut response = ok(&SessionAnswer {
+        success: true,
+        session: session_of(&claims),
+    })?;
+    response.headers_mut().insert("set-cookie", cookie);
+    Ok(response)
+}
+
+/// Signs the browser out (clears the cookie). Only from the dashboard's own page.
+#[utoipa::path(delete, path = "/dashboard/session", tag = "dashboard",
+    responses(
+        (status = 200, description = "Signed out; Set-Cookie clears usage_session.", body = Done),
+        (status = 403, description = "cross_site_request: not from the dashboard's own page.", body = ErrorBody)))]
+pub async fn delete_session(api: &Api, headers: HeaderMap) -> Result<Response, QueryError> {
+    if !session::same_origin(&headers) {
+        return Err(QueryError::CrossSite);
+    }
+    let mut response = ok(&Done { success: true })?;
+    if let Ok(cookie) = HeaderValue::from_str(&session::close(api.sessions.secure)) {
+        response.headers_mut().insert("set-cookie", cookie);
+    }
+    Ok(response)
+}
+
+/// The provider dashboard (its script and stylesheet are beside it, under
+/// `/dashboard/`; `/dashboard` redirects here).
+#[utoipa::path(get, path = "/dashboard/", tag = "dashboard",
+    responses((status = 200, description = "The page.", body = String, content_type = "text/html")))]
+pub fn get_dashboard(file: &str) -> Option<Response> {
+    dashboard::serve(file)
 }
 
 fn respond(result: Result<Response, QueryError>) -> Response {
@@ -400,56 +641,56 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
     let summary = read(
         &api,
         warp::path!("provider" / "usage" / "summary"),
-        |a, h, q| async move { a.get_summary(h, q).await },
+        |a, h, q| async move { get_summary(&a, h, q).await },
     );
     let events = read(
         &api,
         warp::path!("provider" / "usage" / "events"),
-        |a, h, q| async move { a.get_events(h, q).await },
+        |a, h, q| async move { get_events(&a, h, q).await },
     );
     let decisions = read(
         &api,
         warp::path!("provider" / "usage" / "decisions"),
-        |a, h, q| async move { a.get_decisions(h, q).await },
+        |a, h, q| async move { get_decisions(&a, h, q).await },
     );
     let overview = read(
         &api,
         warp::path!("provider" / "fleet" / "overview"),
-        |a, h, q| async move { a.get_overview(h, q).await },
+        |a, h, q| async move { get_overview(&a, h, q).await },
     );
     let analytics = read(
         &api,
         warp::path!("provider" / "fleet" / "analytics"),
-        |a, h, q| async move { a.get_analytics(h, q).await },
+        |a, h, q| async move { get_analytics(&a, h, q).await },
     );
     let projection = read(
         &api,
         warp::path!("provider" / "fleet" / "projection"),
-        |a, h, q| async move { a.get_projection(h, q).await },
+        |a, h, q| async move { get_projection(&a, h, q).await },
     );
     let anomalies = read(
         &api,
         warp::path!("provider" / "fleet" / "anomalies"),
-        |a, h, q| async move { a.get_anomalies(h, q).await },
+        |a, h, q| async move { get_anomalies(&a, h, q).await },
     );
     let installations = read(
         &api,
         warp::path!("api" / "usage" / "installations"),
-        |a, h, q| async move { a.get_installations(h, q).await },
+        |a, h, q| async move { get_installations(&a, h, q).await },
     );
     let installation = warp::path!("provider" / "installations" / String)
         .and(warp::get())
         .and(with_api.clone())
         .and(warp::header::headers_cloned())
         .then(|install_id: String, api: Arc<Api>, headers| async move {
-            respond(api.get_installation(headers, install_id).await)
+            respond(get_installation(&api, headers, install_id).await)
         });
     let erase = warp::path!("api" / "usage" / "installations" / String)
         .and(warp::delete())
         .and(with_api.clone())
         .and(warp::header::headers_cloned())
         .then(|install_id: String, api: Arc<Api>, headers| async move {
-            respond(api.delete_installation(headers, install_id).await)
+            respond(delete_installation(&api, headers, install_id).await)
         });
     let export = warp::path!("api" / "usage" / "export")
         .and(warp::post())
@@ -458,13 +699,13 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(warp::body::content_length_limit(64 * 1024))
         .and(warp::body::bytes())
         .then(|api: Arc<Api>, headers, body| async move {
-            respond(api.post_export(headers, body).await)
+            respond(post_export(&api, headers, body).await)
         });
     let session_get = warp::path!("dashboard" / "session")
         .and(warp::get())
         .and(with_api.clone())
         .and(warp::header::headers_cloned())
-        .then(|api: Arc<Api>, headers| async move { respond(api.get_session(headers).await) });
+        .then(|api: Arc<Api>, headers| async move { respond(get_session(&api, headers).await) });
     let session_post = warp::path!("dashboard" / "session")
         .and(warp::post())
         .and(with_api.clone())
@@ -472,13 +713,13 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
         .and(warp::body::content_length_limit(16 * 1024))
         .and(warp::body::bytes())
         .then(|api: Arc<Api>, headers, body| async move {
-            respond(api.post_session(headers, body).await)
+            respond(post_session(&api, headers, body).await)
         });
     let session_delete = warp::path!("dashboard" / "session")
         .and(warp::delete())
         .and(with_api)
         .and(warp::header::headers_cloned())
-        .then(|api: Arc<Api>, headers| async move { respond(api.delete_session(headers).await) });
+        .then(|api: Arc<Api>, headers| async move { respond(delete_session(&api, headers).await) });
     // `/dashboard` and `/dashboard/` look alike to warp's path matching:
     // the full path tells them apart (the page's relative links need the slash).
     let dashboard_files = warp::path("dashboard")
@@ -490,7 +731,7 @@ pub fn routes(api: Arc<Api>) -> BoxedFilter<(Response,)> {
                 if full.as_str() == "/dashboard" {
                     return Ok(dashboard::redirect_to_index());
                 }
-                dashboard::serve(tail.as_str()).ok_or_else(warp::reject::not_found)
+                get_dashboard(tail.as_str()).ok_or_else(warp::reject::not_found)
             },
         );
     summary

@@ -85,7 +85,7 @@ impl SummaryParams {
     }
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct SummaryItem {
     pub install_id: String,
     pub date: Option<String>,
@@ -106,7 +106,8 @@ pub struct SummaryItem {
     pub over_limit_tokens: u64,
 }
 
-#[derive(Debug, Serialize)]
+/// Paging: the exact number of rows (groups) and this page's window.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Meta {
     pub total: u64,
     pub limit: u64,

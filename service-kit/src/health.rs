@@ -47,7 +47,7 @@ impl Probe {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct DependencyStatus {
     pub ok: bool,
     /// "ok", or why the last probe failed.

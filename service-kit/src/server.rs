@@ -11,43 +11,112 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::{Metrics, Readiness};
 
-/// `GET /health`, `GET /ready` and `GET /metrics`.
+/// `/health`'s answer.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`: the process answers.
+    pub status: &'static str,
+    pub service: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyStatus {
+    Ready,
+    NotReady,
+}
+
+/// `/ready`'s answer: each dependency's last probe.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ReadinessReport {
+    pub status: ReadyStatus,
+    pub service: &'static str,
+    pub dependencies: std::collections::BTreeMap<&'static str, crate::health::DependencyStatus>,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "alive", body = Health)))]
+fn health(service: &'static str) -> Response {
+    warp::reply::json(&Health {
+        status: "ok",
+        service,
+    })
+    .into_response()
+}
+
+/// Readiness: every dependency answered its last probe.
+#[utoipa::path(get, path = "/ready", tag = "operations", responses(
+    (status = 200, description = "ready", body = ReadinessReport),
+    (status = 503, description = "a dependency is down", body = ReadinessReport)))]
+fn ready(service: &'static str, readiness: &Readiness) -> Response {
+    let dependencies = readiness.snapshot();
+    let ok = dependencies.values().all(|d| d.ok);
+    let report = ReadinessReport {
+        status: if ok {
+            ReadyStatus::Ready
+        } else {
+            ReadyStatus::NotReady
+        },
+        service,
+        dependencies,
+    };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    warp::reply::with_status(warp::reply::json(&report), status).into_response()
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "metrics", body = String, content_type = "text/plain")))]
+fn metrics(metrics: &Metrics) -> Response {
+    warp::reply::with_header(
+        metrics.render(),
+        "content-type",
+        "text/plain; version=0.0.4; charset=utf-8",
+    )
+    .into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
+    (status = 200, description = "the service's OpenAPI document", body = Object)))]
+fn openapi(document: &'static str) -> Response {
+    warp::reply::with_header(document, "content-type", "application/json").into_response()
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(health, ready, metrics, openapi))]
+struct Operations;
+
+/// The operational endpoints as OpenAPI, for each service's document.
+pub fn operations_openapi() -> utoipa::openapi::OpenApi {
+    <Operations as utoipa::OpenApi>::openapi()
+}
+
+/// `GET /health`, `GET /ready`, `GET /metrics` and `GET /openapi.json`.
 pub fn ops_routes(
     service: &'static str,
-    openapi: &'static str,
+    document: &'static str,
     readiness: Readiness,
-    metrics: Metrics,
+    registry: Metrics,
 ) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    let health = warp::path!("health").and(warp::get()).map(move || {
-        warp::reply::json(&serde_json::json!({"status": "ok", "service": service})).into_response()
-    });
-    let ready = warp::path!("ready").and(warp::get()).map(move || {
-        let deps = readiness.snapshot();
-        let ok = deps.values().all(|d| d.ok);
-        let body = serde_json::json!({
-            "status": if ok { "ready" } else { "not_ready" },
-            "service": service,
-            "dependencies": deps,
-        });
-        let status = if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        warp::reply::with_status(warp::reply::json(&body), status).into_response()
-    });
-    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
-        warp::reply::with_header(
-            metrics.render(),
-            "content-type",
-            "text/plain; version=0.0.4; charset=utf-8",
-        )
-        .into_response()
-    });
+    let health = warp::path!("health")
+        .and(warp::get())
+        .map(move || health(service));
+    let ready = warp::path!("ready")
+        .and(warp::get())
+        .map(move || ready(service, &readiness));
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .map(move || metrics(&registry));
     // The service's OpenAPI document, kept true by tests/tests/openapi.rs.
-    let openapi = warp::path!("openapi.json").and(warp::get()).map(move || {
-        warp::reply::with_header(openapi, "content-type", "application/json").into_response()
-    });
+    let openapi = warp::path!("openapi.json")
+        .and(warp::get())
+        .map(move || openapi(document));
     health
         .or(ready)
         .unify()

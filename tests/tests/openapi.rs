@@ -51,17 +51,44 @@ fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
     }
 }
 
-/// Checks `body` against `schema`'s required fields and types, recursively.
+/// Checks `body` against `schema`'s required fields and types, recursively
+/// (OpenAPI 3.0's `nullable` and 3.1's type lists, `oneOf`/`anyOf`/`allOf`,
+/// maps as `additionalProperties`).
 fn conforms(doc: &Value, schema: &Value, body: &Value, at: &str) -> Result<(), String> {
     let schema = resolve(doc, schema);
+    for (key, any) in [("oneOf", true), ("anyOf", true), ("allOf", false)] {
+        if let Some(alternatives) = schema[key].as_array() {
+            let results: Vec<Result<(), String>> = alternatives
+                .iter()
+                .map(|alt| conforms(doc, alt, body, at))
+                .collect();
+            return if any {
+                results
+                    .iter()
+                    .any(Result::is_ok)
+                    .then_some(())
+                    .ok_or_else(|| format!("{at} matches none of {key}: {results:?}"))
+            } else {
+                results.into_iter().collect()
+            };
+        }
+    }
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
     if body.is_null() {
-        return if schema["nullable"] == true {
+        return if schema["nullable"] == true
+            || types.contains(&"null")
+            || schema.as_object().is_some_and(|o| o.is_empty())
+        {
             Ok(())
         } else {
             Err(format!("{at} is null"))
         };
     }
-    match schema["type"].as_str() {
+    match types.iter().copied().find(|t| *t != "null") {
         Some("object") => {
             let object = body.as_object().ok_or(format!("{at} is not an object"))?;
             for field in schema["required"].as_array().into_iter().flatten() {
@@ -74,6 +101,18 @@ fn conforms(doc: &Value, schema: &Value, body: &Value, at: &str) -> Result<(), S
                 for (name, sub) in props {
                     if let Some(v) = object.get(name) {
                         conforms(doc, sub, v, &format!("{at}.{name}"))?;
+                    }
+                }
+            }
+            if schema["additionalProperties"].is_object() {
+                for (name, v) in object {
+                    if schema["properties"].get(name).is_none_or(|p| p.is_null()) {
+                        conforms(
+                            doc,
+                            &schema["additionalProperties"],
+                            v,
+                            &format!("{at}.{name}"),
+                        )?;
                     }
                 }
             }
@@ -113,7 +152,7 @@ struct Call {
     body: Option<Vec<u8>>,
 }
 
-async fn check(doc: &Value, call: Call) {
+async fn check(doc: &Value, call: Call) -> u16 {
     let mut request = match call.method {
         "GET" => http().get(&call.url),
         "POST" => http().post(&call.url),
@@ -131,7 +170,8 @@ async fn check(doc: &Value, call: Call) {
         request = request.header("content-type", "application/json").body(b);
     }
     let r = request.send().await.unwrap();
-    let status = r.status().as_u16().to_string();
+    let code = r.status().as_u16();
+    let status = code.to_string();
     let content_type = r
         .headers()
         .get("content-type")
@@ -161,6 +201,7 @@ async fn check(doc: &Value, call: Call) {
             call.path
         );
     }
+    code
 }
 
 /// The operations a `routes.rs` route table lists (its module docs), plus
@@ -345,42 +386,69 @@ async fn every_service_documents_exactly_its_routes_and_answers_as_documented() 
     )
     .await;
 
-    // The query API.
+    // The query API: every operation, each answering 2xx at least once
+    // (once the registry's mirror knows both sites).
+    p.wait_for_registry_mirror(2).await;
+    let mut answered: Vec<(String, String)> = vec![];
+    let read = |path: &'static str, url: String| Call {
+        method: "GET",
+        path,
+        url: query_url(&url),
+        bearer: admin.clone(),
+        headers: vec![],
+        body: None,
+    };
+    let id = &site.install_id;
     for (path, url) in [
         (
             "/provider/usage/summary",
-            format!(
-                "/provider/usage/summary?install_id={}&group_by=model",
-                site.install_id
-            ),
+            format!("/provider/usage/summary?install_id={id}&group_by=model"),
         ),
         (
             "/provider/usage/events",
-            format!(
-                "/provider/usage/events?install_id={}&limit=1",
-                site.install_id
-            ),
+            format!("/provider/usage/events?install_id={id}&limit=1"),
+        ),
+        (
+            "/provider/usage/decisions",
+            format!("/provider/usage/decisions?install_id={id}"),
+        ),
+        (
+            "/provider/installations/{install_id}",
+            format!("/provider/installations/{id}"),
+        ),
+        (
+            "/provider/fleet/overview",
+            "/provider/fleet/overview".to_string(),
+        ),
+        (
+            "/provider/fleet/analytics",
+            "/provider/fleet/analytics?months=2".to_string(),
+        ),
+        (
+            "/provider/fleet/projection",
+            "/provider/fleet/projection?limit=5".to_string(),
+        ),
+        (
+            "/provider/fleet/anomalies",
+            "/provider/fleet/anomalies?days=7".to_string(),
         ),
         (
             "/api/usage/installations",
             "/api/usage/installations".to_string(),
         ),
+        (
+            "/api/usage/installations",
+            format!("/api/usage/installations?q={}", site.account_id),
+        ),
+        ("/dashboard/session", "/dashboard/session".to_string()),
+        ("/dashboard/", "/dashboard/".to_string()),
     ] {
-        check(
-            &query,
-            Call {
-                method: "GET",
-                path,
-                url: query_url(&url),
-                bearer: admin.clone(),
-                headers: vec![],
-                body: None,
-            },
-        )
-        .await;
+        let status = check(&query, read(path, url)).await;
+        answered.push(("GET".into(), path.into()));
+        assert!((200..300).contains(&status), "GET {path}: {status}");
     }
     for format in ["csv", "jsonl"] {
-        check(
+        let status = check(
             &query,
             Call {
                 method: "POST",
@@ -395,8 +463,33 @@ async fn every_service_documents_exactly_its_routes_and_answers_as_documented() 
             },
         )
         .await;
+        assert_eq!(status, 200);
+        answered.push(("POST".into(), "/api/usage/export".into()));
     }
-    check(
+    // The dashboard's sign-in and sign-out, as its own page sends them.
+    for (method, body) in [
+        (
+            "POST",
+            Some(serde_json::to_vec(&json!({"token": admin_token()})).unwrap()),
+        ),
+        ("DELETE", None),
+    ] {
+        let status = check(
+            &query,
+            Call {
+                method,
+                path: "/dashboard/session",
+                url: query_url("/dashboard/session"),
+                bearer: None,
+                headers: vec![("sec-fetch-site", "same-origin".into())],
+                body,
+            },
+        )
+        .await;
+        assert_eq!(status, 200, "{method} /dashboard/session");
+        answered.push((method.into(), "/dashboard/session".into()));
+    }
+    let status = check(
         &query,
         Call {
             method: "DELETE",
@@ -408,6 +501,19 @@ async fn every_service_documents_exactly_its_routes_and_answers_as_documented() 
         },
     )
     .await;
+    assert_eq!(status, 200);
+    answered.push((
+        "DELETE".into(),
+        "/api/usage/installations/{install_id}".into(),
+    ));
+    for op in operations(&query) {
+        let ops_endpoint =
+            ["/health", "/ready", "/metrics", "/openapi.json"].contains(&op.1.as_str());
+        assert!(
+            ops_endpoint || answered.contains(&op),
+            "{op:?} was never called"
+        );
+    }
 
     // Without a token, every secured operation answers a documented error.
     for (doc, base) in [(&ingest, p.ingest_addr), (&query, p.query_addr)] {

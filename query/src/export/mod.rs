@@ -61,7 +61,7 @@ pub enum Format {
 
 /// The request body as sent; every field optional so that a missing one is
 /// a clear 400 (or a default), not a deserialisation error.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportBody {
     pub install_id: Option<String>,

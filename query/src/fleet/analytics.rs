@@ -69,7 +69,7 @@ pub fn month_start(day: NaiveDate) -> NaiveDate {
     day.with_day(1).unwrap_or(day)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Analytics {
     pub date_from: String,
     pub date_to: String,
@@ -81,7 +81,7 @@ pub struct Analytics {
     pub distribution: Distribution,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct FleetDay {
     pub date: String,
     pub generations: u64,
@@ -91,7 +91,7 @@ pub struct FleetDay {
 }
 
 /// One model's (or source's) part of one month.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Share {
     pub month: String,
     pub name: String,
@@ -103,7 +103,7 @@ pub struct Share {
     pub share_percent: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelCost {
     pub model: String,
     pub generations: u64,
@@ -112,13 +112,13 @@ pub struct ModelCost {
     pub cost_per_1k_generations_usd: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Distribution {
     pub month: String,
     pub buckets: Vec<Bucket>,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Bucket {
     /// Generations in the month, inclusive bounds; `max` null = no bound.
     pub min: u64,

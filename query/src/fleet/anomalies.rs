@@ -103,7 +103,7 @@ impl Baseline {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
     pub kind: &'static str,
     pub date: String,
@@ -175,7 +175,7 @@ pub fn governance_score(kind: &str, episodes: u64) -> f64 {
     base + episodes.saturating_sub(1) as f64
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Anomaly {
     pub install_id: String,
     pub account_id: String,
@@ -188,7 +188,7 @@ pub struct Anomaly {
     pub detail: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Anomalies {
     pub date_from: String,
     pub date_to: String,

@@ -23,12 +23,12 @@ use super::{usd, Fleet};
 use crate::error::QueryError;
 use crate::params::{DateRange, Query};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Overview {
     /// The UTC day the figures are for.
     pub today: String,
     pub month: String,
-    pub installations: Installations,
+    pub installations: InstallationCounts,
     pub usage: UsageWindows,
     pub revenue: Revenue,
     pub top_by_tokens: Vec<TopInstallation>,
@@ -37,28 +37,28 @@ pub struct Overview {
     pub near_cap: Vec<NearCap>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Installations {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InstallationCounts {
     pub total: u64,
     pub active_30d: u64,
     pub new_this_month: u64,
 }
 
-#[derive(Debug, Default, Serialize, PartialEq)]
+#[derive(Debug, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Usage {
     pub generations: u64,
     pub tokens: u64,
     pub cost_usd: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageWindows {
     pub all_time: Usage,
     pub month_to_date: Usage,
     pub last_30_days: Usage,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PlanRevenue {
     pub plan: String,
     pub installations: u64,
@@ -66,7 +66,7 @@ pub struct PlanRevenue {
     pub revenue_usd: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Revenue {
     /// The plans' monthly prices over the registered installations.
     pub month_usd: f64,
@@ -75,7 +75,7 @@ pub struct Revenue {
     pub by_plan: Vec<PlanRevenue>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TopInstallation {
     pub install_id: String,
     pub account_id: String,
@@ -89,7 +89,7 @@ pub struct TopInstallation {
     pub margin_usd: f64,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Day {
     pub date: String,
     pub generations: u64,
@@ -97,7 +97,7 @@ pub struct Day {
     pub cost_usd: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Period {
     pub date_from: String,
     pub date_to: String,
@@ -105,14 +105,14 @@ pub struct Period {
     pub total: Usage,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Trend {
     pub current: Period,
     /// The same number of days just before.
     pub previous: Period,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct NearCap {
     pub install_id: String,
     pub account_id: String,
@@ -280,7 +280,7 @@ pub async fn overview(
     Ok(Overview {
         today: today.to_string(),
         month: format!("{:04}-{:02}", month.year(), month.month()),
-        installations: Installations {
+        installations: InstallationCounts {
             total,
             active_30d,
             new_this_month,

@@ -44,7 +44,8 @@ to the month to date. The interval is 80%: +/- 1.2816 standard deviations of the
 values, scaled to the days left and to the level's own error.";
 
 /// Factors by weekday, Monday first; their mean is 1.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(value_type = Vec<f64>)]
 pub struct Weekdays(pub [f64; 7]);
 
 impl Weekdays {
@@ -81,7 +82,7 @@ fn weekday(day: NaiveDate) -> usize {
 }
 
 /// A month-end figure: the expectation and an 80% interval.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Forecast {
     pub month_to_date: f64,
     pub expected: f64,
@@ -225,28 +226,28 @@ impl ProjectionParams {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InstallationProjection {
     pub install_id: String,
     pub generations: Forecast,
     pub cost_usd: Forecast,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PathPoint {
     pub date: String,
     pub generations: Forecast,
     pub cost_usd: Forecast,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ActualDay {
     pub date: String,
     pub generations: f64,
     pub cost_usd: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FleetProjection {
     pub generations: Forecast,
     pub cost_usd: Forecast,
@@ -257,7 +258,7 @@ pub struct FleetProjection {
 }
 
 /// Everything the projection computed for one fleet, before paging.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 pub struct Projection {
     pub month: String,
     pub month_end: String,
@@ -367,9 +368,43 @@ pub async fn projection(
     })
 }
 
+/// What `GET /provider/fleet/projection` answers: the fleet's projection
+/// and one page of the installations'.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProjectionPage {
+    /// `YYYY-MM`.
+    pub month: String,
+    /// The month's last day.
+    pub month_end: String,
+    /// When the projection was made (UTC).
+    pub as_of: String,
+    /// How the figures are computed.
+    pub method: String,
+    /// The intervals' coverage: 0.8.
+    pub interval: f64,
+    /// Day-of-week factors, Monday first; their mean is 1.
+    pub weekday_factors: Weekdays,
+    pub fleet: FleetProjection,
+    pub installations: Vec<InstallationProjection>,
+}
+
 impl Projection {
+    /// The fleet's projection with one page of the installations'.
+    pub fn page(&self, params: &ProjectionParams) -> ProjectionPage {
+        ProjectionPage {
+            month: self.month.clone(),
+            month_end: self.month_end.clone(),
+            as_of: self.as_of.clone(),
+            method: self.method.to_string(),
+            interval: self.interval,
+            weekday_factors: self.weekday_factors,
+            fleet: self.fleet.clone(),
+            installations: self.installations(params),
+        }
+    }
+
     /// One page of the installations, by projected cost or generations.
-    pub fn page(&self, params: &ProjectionParams) -> Vec<InstallationProjection> {
+    fn installations(&self, params: &ProjectionParams) -> Vec<InstallationProjection> {
         let mut ordered: Vec<&InstallationProjection> = self.installations.iter().collect();
         if !params.sort_by_cost {
             ordered.sort_by(|a, b| {
