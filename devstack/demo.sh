@@ -10,20 +10,12 @@ set -euo pipefail
 
 INGEST=${INGEST:-http://127.0.0.1:8080}
 QUERY=${QUERY:-http://127.0.0.1:8081}
-JWT_SECRET=${USAGE_JWT_SECRET:-dev-only-jwt-secret-change-me}
 INSTALL_ID=550e8400-e29b-41d4-a716-446655440000_a3b4c5d6e7f8
 ACCOUNT_ID=acc_demo
 SECRET=demo-installation-secret-0001
 
-b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
-# An HS256 JWT: header.payload signed with the services' JWT secret.
-jwt() {
-  local header payload sig
-  header=$(printf '%s' '{"alg":"HS256","typ":"JWT"}' | b64url)
-  payload=$(printf '%s' "$1" | b64url)
-  sig=$(printf '%s' "$header.$payload" | openssl dgst -sha256 -hmac "$JWT_SECRET" -binary | b64url)
-  printf '%s.%s.%s' "$header" "$payload" "$sig"
-}
+# shellcheck source=devstack/jwt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/jwt.sh"
 EXP=$(($(date +%s) + 3600))
 ACCOUNT_TOKEN=$(jwt "{\"sub\":\"demo\",\"role\":\"account\",\"account_id\":\"$ACCOUNT_ID\",\"exp\":$EXP}")
 ADMIN_TOKEN=$(jwt "{\"sub\":\"ops\",\"role\":\"provider_admin\",\"exp\":$EXP}")
