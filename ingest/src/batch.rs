@@ -44,13 +44,18 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A batch of usage events, as the plugin sends it.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = UsageBatch)]
 pub struct BatchIn<'a> {
     pub install_id: String,
     /// A string, or the account's number as the deployed plugin sends it.
     #[serde(deserialize_with = "crate::registry::commands::account_id")]
+    #[schema(value_type = String)]
     pub account_id: String,
+    /// 1 to 500 events; each is checked on its own (`rejected`).
     #[serde(borrow)]
+    #[schema(value_type = Vec<EventIn>)]
     pub events: Vec<&'a RawValue>,
     #[serde(default)]
     pub batch_sent_at: Option<String>,
@@ -58,19 +63,28 @@ pub struct BatchIn<'a> {
     pub wp_site_id: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
-struct EventIn<'a> {
+/// One generation, as the plugin records it.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = UsageEventIn)]
+pub struct EventIn<'a> {
+    /// `evt_` and 32 hex characters; a resent event counts once.
     event_id: String,
+    /// SHA-256 hex of the WordPress user (64 hex characters).
     wp_user_id_hash: String,
+    /// `inline`, `bulk`, `queue` or `manual`.
     source: String,
     model: String,
     prompt_tokens: i64,
     completion_tokens: i64,
+    /// `prompt_tokens + completion_tokens`.
     total_tokens: i64,
+    /// ISO 8601 with a zone.
     created_at: String,
     #[serde(default)]
     processed_at: Option<String>,
+    /// Any JSON object (at most 4 KB, 8 levels).
     #[serde(default, borrow)]
+    #[schema(value_type = Option<Object>)]
     context: Option<&'a RawValue>,
     #[serde(default)]
     wp_site_id: Option<i64>,
@@ -88,7 +102,7 @@ pub enum BatchError {
 }
 
 /// Why one event was refused.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Refusal {
     pub index: usize,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -10,7 +10,6 @@
 
 use std::net::SocketAddr;
 
-use serde_json::json;
 use usage_service_kit::auth::JwtError;
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
@@ -161,16 +160,18 @@ impl IngestError {
     }
 
     pub fn into_response(self) -> Response {
-        let mut body = json!({
-            "success": false,
-            "error": self.code(),
-            "message": self.message(),
-            "received": 0,
-        });
-        if let IngestError::Validation { refused } = &self {
-            body["rejected"] = json!(refused);
-            body["event_ids"] = json!([]);
-        }
+        let refused = match &self {
+            IngestError::Validation { refused } => Some(refused.clone()),
+            _ => None,
+        };
+        let body = crate::openapi::ErrorBody {
+            success: false,
+            error: self.code(),
+            message: self.message(),
+            received: 0,
+            event_ids: refused.as_ref().map(|_| Vec::new()),
+            rejected: refused,
+        };
         let mut response =
             warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
         if let Some(secs) = self.retry_after() {

@@ -19,6 +19,7 @@ pub mod flood;
 pub mod governance;
 pub mod handlers;
 pub mod metrics;
+pub mod openapi;
 pub mod registry;
 pub mod routes;
 pub mod signature;
@@ -181,7 +182,7 @@ impl Service for IngestService {
         });
         let http = HttpService::start(
             SERVICE,
-            include_str!("../openapi.json"),
+            openapi::document(),
             config.listen,
             metrics,
             vec![config.kafka.probe(), registry_probe, governance_probe],

@@ -275,14 +275,11 @@ impl Service for Processors {
 fn openapi_document() -> &'static str {
     static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     DOCUMENT.get_or_init(|| {
-        let mut doc = usage_service_kit::server::operations_openapi();
-        doc.info.title = "usage-processors".into();
-        doc.info.version = env!("CARGO_PKG_VERSION").into();
-        doc.info.description = Some(
+        let doc = usage_service_kit::server::bare_openapi(
+            "usage-processors",
             "The stream processors: rollups, governance and the registry mirror from Kafka into \
-             ClickHouse. No API of their own: health, readiness and metrics."
-                .into(),
+             ClickHouse. No API of their own: health, readiness and metrics.",
         );
-        doc.to_pretty_json().unwrap_or_default()
+        usage_service_kit::server::render_openapi(doc, env!("CARGO_PKG_VERSION"))
     })
 }

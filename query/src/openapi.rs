@@ -9,7 +9,7 @@
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::fleet::{analytics, anomalies, overview, projection};
@@ -152,15 +152,7 @@ struct Authentication;
 impl Modify for Authentication {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT (HS256 or RS256)")
-                    .build(),
-            ),
-        );
+        components.add_security_scheme("bearer", usage_service_kit::server::bearer_scheme());
         components.add_security_scheme(
             "session",
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
@@ -214,13 +206,7 @@ struct QueryDoc;
 pub fn document() -> &'static str {
     static DOCUMENT: OnceLock<String> = OnceLock::new();
     DOCUMENT.get_or_init(|| {
-        let mut doc = QueryDoc::openapi();
-        doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-        doc.merge(usage_service_kit::server::operations_openapi());
-        doc.to_pretty_json().unwrap_or_else(|e| {
-            // Cannot happen for a document built from types; say so if it does.
-            format!("{{\"error\": \"the OpenAPI document cannot be written: {e}\"}}")
-        })
+        usage_service_kit::server::render_openapi(QueryDoc::openapi(), env!("CARGO_PKG_VERSION"))
     })
 }
 

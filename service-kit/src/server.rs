@@ -97,6 +97,36 @@ pub fn operations_openapi() -> utoipa::openapi::OpenApi {
     <Operations as utoipa::OpenApi>::openapi()
 }
 
+/// A service's whole document as served: its own operations, the
+/// operational ones, its version.
+pub fn render_openapi(mut doc: utoipa::openapi::OpenApi, version: &str) -> String {
+    doc.info.version = version.to_string();
+    doc.merge(operations_openapi());
+    doc.to_pretty_json().unwrap_or_else(|e| {
+        // Cannot happen for a document built from types; say so if it does.
+        format!("{{\"error\": \"the OpenAPI document cannot be written: {e}\"}}")
+    })
+}
+
+/// A document with no operations of its own (a service with only the
+/// operational endpoints), for [`render_openapi`].
+pub fn bare_openapi(title: &str, description: &str) -> utoipa::openapi::OpenApi {
+    let mut info = utoipa::openapi::Info::new(title, "");
+    info.description = Some(description.to_string());
+    utoipa::openapi::OpenApi::new(info, utoipa::openapi::Paths::new())
+}
+
+/// The bearer token every API takes (the account system's JWT).
+pub fn bearer_scheme() -> utoipa::openapi::security::SecurityScheme {
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    SecurityScheme::Http(
+        HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .bearer_format("JWT (HS256 or RS256)")
+            .build(),
+    )
+}
+
 /// `GET /health`, `GET /ready`, `GET /metrics` and `GET /openapi.json`.
 pub fn ops_routes(
     service: &'static str,

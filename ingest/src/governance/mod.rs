@@ -72,7 +72,7 @@ impl GovernanceView {
 }
 
 /// What `GET /api/usage/governance` answers: what the plugin's admin notice needs.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct GovernanceReport {
     pub install_id: String,
     pub plan: String,

@@ -17,8 +17,8 @@
 //! | `POST .../{id}/rotate-secret` | `installations:manage` and proof of the current secret, or a provider admin |
 //! | `PUT .../{id}/plan`, `PUT /api/usage/accounts/{id}` | `plans:write` (provider admin or billing service) |
 
-mod registry;
-mod usage;
+pub mod registry;
+pub mod usage;
 
 use std::sync::Arc;
 

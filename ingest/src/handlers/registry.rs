@@ -3,7 +3,6 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use usage_schemas::Account;
 use usage_service_kit::auth::Permission;
 use warp::http::{HeaderMap, StatusCode};
@@ -12,6 +11,7 @@ use warp::Reply;
 
 use super::{header, now_ms, Gateway};
 use crate::error::IngestError;
+use crate::openapi::{AccountAnswer, InstallationAnswer};
 use crate::registry::commands::{
     self, AccountRequest, Asking, CommandError, Decision, InstallationView, RegisterRequest,
     RotateRequest,
@@ -20,15 +20,15 @@ use crate::signature;
 use crate::sink::RecordSink;
 
 /// `PUT /api/usage/installations/{install_id}/plan`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanRequest {
     pub plan: String,
 }
 
 /// What the API shows of an account.
-#[derive(Debug, Serialize)]
-struct AccountView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AccountView {
     account_id: String,
     plan: String,
     /// The limit in force (the account's own, or the gateway's default).
@@ -46,7 +46,10 @@ fn iso(ms: i64) -> String {
 
 impl<S: RecordSink> Gateway<S> {
     fn installation_answer(record: &usage_schemas::Installation, status: StatusCode) -> Response {
-        let body = json!({"success": true, "installation": InstallationView::from(record)});
+        let body = InstallationAnswer {
+            success: true,
+            installation: InstallationView::from(record),
+        };
         warp::reply::with_status(warp::reply::json(&body), status).into_response()
     }
 
@@ -216,7 +219,11 @@ impl<S: RecordSink> Gateway<S> {
         if !allowed {
             return Err(IngestError::Forbidden("read this account"));
         }
-        let body = json!({"success": true, "account": self.account_view(&account_id)});
+        let body = AccountAnswer {
+            success: true,
+            account: self.account_view(&account_id),
+            installations_changed: None,
+        };
         Ok(warp::reply::json(&body).into_response())
     }
 
@@ -259,11 +266,11 @@ impl<S: RecordSink> Gateway<S> {
                 }
             }
         }
-        let body = json!({
-            "success": true,
-            "account": self.account_view(&account_id),
-            "installations_changed": changed,
-        });
+        let body = AccountAnswer {
+            success: true,
+            account: self.account_view(&account_id),
+            installations_changed: Some(changed),
+        };
         Ok(warp::reply::json(&body).into_response())
     }
 

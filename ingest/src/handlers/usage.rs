@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::json;
 use usage_schemas::wire::AvroRecord;
 use usage_schemas::{Installation, UsageEvent};
 use usage_service_kit::auth::{Claims, Permission};
@@ -17,6 +16,7 @@ use super::{header, now_ms, Gateway};
 use crate::batch::{self, BatchIn};
 use crate::error::IngestError;
 use crate::governance::GovernanceReport;
+use crate::openapi::{Accepted, AdmissionAnswer, GovernanceAnswer};
 use crate::registry::commands::{self, Metadata};
 use crate::registry::Entry;
 use crate::signature::{self, Scheme, SignatureError};
@@ -27,7 +27,7 @@ use crate::sink::{Record, RecordSink};
 pub const INSTALL_SECRET_HEADER: &str = "x-install-secret";
 
 /// `POST /api/usage/admit`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct AdmitRequest {
     pub install_id: String,
     /// Generations about to be made (default 1).
@@ -338,16 +338,14 @@ impl<S: RecordSink> Gateway<S> {
                 validated.refused.len()
             )
         };
-        let mut body = json!({
-            "success": true,
-            "received": received,
-            "event_ids": event_ids,
-            "message": message,
-            "governance": self.report(&entry, state.as_deref(), now),
-        });
-        if !validated.refused.is_empty() {
-            body["rejected"] = json!(validated.refused);
-        }
+        let body = Accepted {
+            success: true,
+            received: received as u64,
+            event_ids,
+            message,
+            governance: self.report(&entry, state.as_deref(), now),
+            rejected: (!validated.refused.is_empty()).then_some(validated.refused),
+        };
         Ok(warp::reply::json(&body).into_response())
     }
 
@@ -423,13 +421,13 @@ impl<S: RecordSink> Gateway<S> {
             .admissions
             .with_label_values(&[decision.reason.unwrap_or("allowed")])
             .inc();
-        let body = json!({
-            "success": true,
-            "allowed": decision.allowed,
-            "reason": decision.reason,
-            "retry_after_seconds": decision.retry_after_secs,
-            "governance": self.report(&entry, state.as_deref(), now),
-        });
+        let body = AdmissionAnswer {
+            success: true,
+            allowed: decision.allowed,
+            reason: decision.reason,
+            retry_after_seconds: decision.retry_after_secs,
+            governance: self.report(&entry, state.as_deref(), now),
+        };
         self.metrics
             .admission_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -456,6 +454,10 @@ impl<S: RecordSink> Gateway<S> {
         }
         let state = self.governance.get(install_id);
         let report = self.report(&entry, state.as_deref(), now_ms());
-        Ok(warp::reply::json(&json!({"success": true, "governance": report})).into_response())
+        Ok(warp::reply::json(&GovernanceAnswer {
+            success: true,
+            governance: report,
+        })
+        .into_response())
     }
 }

@@ -32,11 +32,14 @@ pub fn account_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         .ok_or_else(|| serde::de::Error::custom("account_id must be a string or a number"))
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
+    /// `{uuid}_{hex site hash}`.
     pub install_id: String,
+    /// A string, or the account's number.
     #[serde(deserialize_with = "account_id")]
+    #[schema(value_type = String)]
     pub account_id: String,
     pub secret: String,
     /// Only a caller with `plans:write` may choose it; others get the
@@ -76,7 +79,7 @@ impl std::fmt::Debug for RegisterRequest {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
     pub secret: String,
@@ -94,7 +97,7 @@ impl std::fmt::Debug for RotateRequest {
 }
 
 /// What the API shows of an installation: everything but the secrets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct InstallationView {
     pub install_id: String,
     pub account_id: String,
@@ -114,7 +117,7 @@ pub struct InstallationView {
     pub registered_by: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PlanPeriodView {
     pub plan: String,
     pub since: String,
@@ -500,13 +503,14 @@ pub fn enroll(
 }
 
 /// `PUT /api/usage/accounts/{account_id}`: what the provider sets.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccountRequest {
     #[serde(default)]
     pub plan: Option<String>,
     /// `null` goes back to the gateway's default limit.
     #[serde(default, deserialize_with = "some_or_null")]
+    #[schema(value_type = Option<i64>)]
     pub max_installations: Option<Option<i64>>,
     /// Also move every installation of the account to the new plan (default).
     #[serde(default = "yes")]
