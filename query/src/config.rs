@@ -38,14 +38,15 @@ pub struct Config {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DashboardArgs {
     /// How long a fleet figure that was expensive to compute (over 100 ms)
-    /// is kept, in seconds; cheaper ones are always computed afresh. The
-    /// figures asked for in the last 10 minutes are recomputed in the
-    /// background before they are this old.
+    /// stays fresh, in seconds (or ten times its cost, if longer); cheaper
+    /// ones are always computed afresh. The figures asked for in the last
+    /// 10 minutes are recomputed in the background before they are this
+    /// old. 0 turns keeping off: every figure is computed when asked.
     #[arg(
         long = "dashboard-cache-secs",
         env = "USAGE_DASHBOARD_CACHE_SECS",
         default_value_t = 60,
-        value_parser = clap::value_parser!(u64).range(1..=3600)
+        value_parser = clap::value_parser!(u64).range(0..=3600)
     )]
     pub cache_secs: u64,
     /// Mark the session cookie `Secure` (only sent over HTTPS): set it when
@@ -95,7 +96,9 @@ mod tests {
             (c.dashboard.cache_secs, c.dashboard.secure_cookie),
             (5, true)
         );
-        assert!(Config::try_parse_from(["usage-query", "--dashboard-cache-secs", "0"]).is_err());
+        assert!(Config::try_parse_from(["usage-query", "--dashboard-cache-secs", "3601"]).is_err());
+        let off = Config::try_parse_from(["usage-query", "--dashboard-cache-secs", "0"]).unwrap();
+        assert_eq!(off.dashboard.cache_secs, 0);
         assert!(
             Config::try_parse_from(["usage-query", "--dashboard-session-hours", "9999"]).is_err()
         );

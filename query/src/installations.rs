@@ -13,9 +13,9 @@
 //! Totals come from `usage_install_daily` (one row per installation and day;
 //! exact, deduplicated; its rows are the active days). Over 100,000
 //! installations that aggregate is the cost of a page (a third of a second),
-//! so it is computed once per fleet, range and search ([`Ranking`], kept
-//! like the dashboard's figures when expensive), and every page and order
-//! is cut from it. The listed installations' unique users (`usage_daily`),
+//! so it is computed once per fleet and range ([`Ranking`], kept like the
+//! dashboard's figures when expensive), and every page, order and search is
+//! cut from it (a search reads the registry's mirror, [`matching`]). The listed installations' unique users (`usage_daily`),
 //! first/last seen (`installation_activity`, all time), plan
 //! (`installation_metadata`) and level (this month's cap decisions in
 //! `governance_decisions`) are read for that page alone.
@@ -120,9 +120,19 @@ impl Ranking {
         self.0.is_empty()
     }
 
-    /// One page in the requested order; ties by install_id, so pages are stable.
-    fn page(&self, params: &InstallationsParams) -> Vec<&Ranked> {
-        let mut rows: Vec<&(f64, Ranked)> = self.0.iter().collect();
+    /// One page in the requested order (of those in `only`, if given), and
+    /// how many there are; ties by install_id, so pages are stable.
+    fn page(
+        &self,
+        only: Option<&std::collections::HashSet<String>>,
+        params: &InstallationsParams,
+    ) -> (Vec<&Ranked>, usize) {
+        let mut rows: Vec<&(f64, Ranked)> = self
+            .0
+            .iter()
+            .filter(|(_, r)| only.is_none_or(|ids| ids.contains(&r.install_id)))
+            .collect();
+        let total = rows.len();
         let key = |(cost, r): &(f64, Ranked)| -> f64 {
             match params.sort_by {
                 SortBy::Tokens => r.total_tokens as f64,
@@ -140,27 +150,45 @@ impl Ranking {
             };
             order.then_with(|| a.1.install_id.cmp(&b.1.install_id))
         });
-        rows.into_iter()
+        let page = rows
+            .into_iter()
             .skip(usize::try_from(params.offset).unwrap_or(usize::MAX))
             .take(params.limit as usize)
             .map(|(_, r)| r)
-            .collect()
+            .collect();
+        (page, total)
     }
 }
 
-/// The SQL predicate of a search: a part of the install id, the start of
-/// the site hash, or the whole account id.
-const SEARCH: &str = "install_id IN (SELECT install_id FROM installation_metadata FINAL
-    WHERE positionCaseInsensitive(install_id, {q:String}) > 0
-       OR startsWith(site_hash, lower({q:String})) OR account_id = {q:String})";
+/// The installations of `fleet` a search finds: part of the install id,
+/// the start of the site hash, or the whole account id. The registry's
+/// mirror holds one row per installation, so this stays a few milliseconds
+/// over 100,000 of them, and the page is then cut from the kept ranking.
+pub async fn matching(
+    client: &Client,
+    fleet: &Fleet,
+    q: &str,
+) -> Result<std::collections::HashSet<String>, QueryError> {
+    let sql = format!(
+        "SELECT install_id FROM installation_metadata FINAL
+         WHERE (positionCaseInsensitive(install_id, {{q:String}}) > 0
+                OR startsWith(site_hash, lower({{q:String}})) OR account_id = {{q:String}})
+           AND {}",
+        fleet.sql()
+    );
+    let ids: Vec<String> = fleet
+        .bind(client.query(&sql))
+        .param("q", q)
+        .fetch_all()
+        .await?;
+    Ok(ids.into_iter().collect())
+}
 
-/// The totals of every installation of `fleet` with usage in `range`
-/// (matching `q`, if any).
+/// The totals of every installation of `fleet` with usage in `range`.
 pub async fn ranking(
     client: &Client,
     fleet: &Fleet,
     range: &DateRange,
-    q: Option<&str>,
 ) -> Result<Ranking, QueryError> {
     let sql = format!(
         "SELECT install_id, sum(requests) AS total_requests, sum(prompt_tokens) AS prompt_tokens,
@@ -168,19 +196,16 @@ pub async fn ranking(
                 toString(sum(cost_usd)) AS cost, count() AS active_days,
                 toUInt16(max(date)) AS last_date
          FROM usage_install_daily FINAL
-         WHERE date >= {{date_from:Date}} AND date <= {{date_to:Date}} AND {} AND {}
+         WHERE date >= {{date_from:Date}} AND date <= {{date_to:Date}} AND {}
          GROUP BY install_id",
         fleet.sql(),
-        if q.is_some() { SEARCH } else { "1" },
     );
-    let mut query = fleet
+    let rows: Vec<Ranked> = fleet
         .bind(client.query(&sql))
         .param("date_from", range.from.to_string())
-        .param("date_to", range.to.to_string());
-    if let Some(q) = q {
-        query = query.param("q", q);
-    }
-    let rows: Vec<Ranked> = query.fetch_all().await?;
+        .param("date_to", range.to.to_string())
+        .fetch_all()
+        .await?;
     Ok(Ranking(
         rows.into_iter()
             .map(|r| (r.cost.parse().unwrap_or(0.0), r))
@@ -216,14 +241,16 @@ pub struct InstallationItem {
     pub governance_level: String,
 }
 
-/// One page of `ranking`, with each listed installation's account, plan,
-/// governance level, first and last generation and unique users.
+/// One page of `ranking` (of the installations a search found, if any),
+/// with each listed installation's account, plan, governance level, first
+/// and last generation and unique users.
 pub async fn installations(
     client: &Client,
     ranking: &Ranking,
+    found: Option<&std::collections::HashSet<String>>,
     params: &InstallationsParams,
 ) -> Result<(Vec<InstallationItem>, crate::summary::Meta), QueryError> {
-    let page = ranking.page(params);
+    let (page, total) = ranking.page(found, params);
     let labels = labels(client, &params.range, &page).await?;
     let items = page
         .into_iter()
@@ -249,7 +276,7 @@ pub async fn installations(
     Ok((
         items,
         crate::summary::Meta {
-            total: ranking.len() as u64,
+            total: total as u64,
             limit: params.limit,
             offset: params.offset,
         },

@@ -103,15 +103,19 @@ impl Service for QueryApi {
     }
 }
 
-/// Recomputes the dashboard's expensive figures people are looking at
-/// before they expire (see [`fleet::cache`]).
+/// Computes the provider's default pages ahead, then keeps them and the
+/// figures people are looking at fresh (see [`fleet::cache`]).
 async fn keep_warm(api: Arc<routes::Api>, ttl: std::time::Duration) {
-    let every = (ttl / 4).max(std::time::Duration::from_secs(1));
+    let every = (ttl / 4).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(15),
+    );
     loop {
-        tokio::time::sleep(every).await;
+        routes::default_pages(&api).await;
         let recomputed = api.caches.warm().await;
         if recomputed > 0 {
             tracing::debug!(recomputed, "dashboard figures recomputed");
         }
+        tokio::time::sleep(every).await;
     }
 }

@@ -69,12 +69,136 @@ fn ok(body: &impl Serialize) -> Result<Response, QueryError> {
     Ok(warp::reply::json(body).into_response())
 }
 
-fn freshness<T>(kept: &Kept<T>, ttl: std::time::Duration) -> Freshness {
+fn freshness<T>(kept: &Kept<T>) -> Freshness {
     Freshness {
         computed_at: kept
             .computed_at
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        max_age_secs: ttl.as_secs(),
+        max_age_secs: kept.fresh_for.as_secs(),
+    }
+}
+
+/// Each fleet endpoint's cache key and recipe for a fleet and its
+/// parameters: what a request asks for, and what the warmer computes ahead.
+mod entries {
+    use super::*;
+    use crate::fleet::cache::Recipe;
+
+    pub fn overview(
+        api: &Api,
+        fleet: Fleet,
+        params: overview::OverviewParams,
+        today: chrono::NaiveDate,
+    ) -> (String, Recipe<overview::Overview>) {
+        let key = format!("{}|{}|{today}", fleet.key(), params.key());
+        let (client, policy) = (api.clickhouse.clone(), api.policy.clone());
+        let recipe = recipe(move || {
+            let (client, fleet, policy, params) = (
+                client.clone(),
+                fleet.clone(),
+                policy.clone(),
+                params.clone(),
+            );
+            async move { overview::overview(&client, &fleet, &policy, &params, today).await }
+        });
+        (key, recipe)
+    }
+
+    pub fn analytics(
+        api: &Api,
+        fleet: Fleet,
+        params: analytics::AnalyticsParams,
+        today: chrono::NaiveDate,
+    ) -> (String, Recipe<analytics::Analytics>) {
+        let key = format!("{}|{}|{today}", fleet.key(), params.key());
+        let client = api.clickhouse.clone();
+        let recipe = recipe(move || {
+            let (client, fleet, params) = (client.clone(), fleet.clone(), params.clone());
+            async move { analytics::analytics(&client, &fleet, &params).await }
+        });
+        (key, recipe)
+    }
+
+    pub fn projection(
+        api: &Api,
+        fleet: Fleet,
+        today: chrono::NaiveDate,
+    ) -> (String, Recipe<projection::Projection>) {
+        let key = format!("{}|{today}", fleet.key());
+        let client = api.clickhouse.clone();
+        let recipe = recipe(move || {
+            let (client, fleet) = (client.clone(), fleet.clone());
+            async move {
+                let now = Utc::now();
+                let clock = if now.date_naive() == today {
+                    projection::clock_at(now)
+                } else {
+                    projection::Clock {
+                        today,
+                        elapsed: 1.0,
+                    }
+                };
+                projection::projection(&client, &fleet, clock).await
+            }
+        });
+        (key, recipe)
+    }
+
+    pub fn anomalies(
+        api: &Api,
+        fleet: Fleet,
+        params: anomalies::AnomaliesParams,
+        today: chrono::NaiveDate,
+    ) -> (String, Recipe<anomalies::Anomalies>) {
+        let key = format!("{}|{}:{}|{today}", fleet.key(), params.days, params.limit);
+        let client = api.clickhouse.clone();
+        let recipe = recipe(move || {
+            let (client, fleet, params) = (client.clone(), fleet.clone(), params.clone());
+            async move { anomalies::anomalies(&client, &fleet, &params, today).await }
+        });
+        (key, recipe)
+    }
+
+    pub fn ranking(
+        api: &Api,
+        fleet: Fleet,
+        range: crate::params::DateRange,
+    ) -> (String, Recipe<installations::Ranking>) {
+        let key = format!("{}|{}..{}", fleet.key(), range.from, range.to);
+        let client = api.clickhouse.clone();
+        let recipe = recipe(move || {
+            let (client, fleet) = (client.clone(), fleet.clone());
+            async move { installations::ranking(&client, &fleet, &range).await }
+        });
+        (key, recipe)
+    }
+}
+
+/// Computes the provider's default dashboard pages ahead and keeps them
+/// fresh (the pages ask exactly these): the overview, analytics, projection
+/// and anomalies of the whole fleet, and the installations list's ranking,
+/// for today. Called by the warmer; yesterday's pins are dropped.
+pub async fn default_pages(api: &Api) {
+    let today = summary::today();
+    let none = Query::new();
+    let fleet = Fleet::All;
+    if let Ok(params) = overview::OverviewParams::parse(&none, today) {
+        let entry = entries::overview(api, fleet.clone(), params, today);
+        api.caches.overview.pin_only(vec![entry]).await;
+    }
+    if let Ok(params) = analytics::AnalyticsParams::parse(&none, today) {
+        let entry = entries::analytics(api, fleet.clone(), params, today);
+        api.caches.analytics.pin_only(vec![entry]).await;
+    }
+    let entry = entries::projection(api, fleet.clone(), today);
+    api.caches.projection.pin_only(vec![entry]).await;
+    if let Ok(params) = anomalies::AnomaliesParams::parse(&none) {
+        let entry = entries::anomalies(api, fleet.clone(), params, today);
+        api.caches.anomalies.pin_only(vec![entry]).await;
+    }
+    if let Ok(params) = installations::InstallationsParams::parse(&none, today) {
+        let entry = entries::ranking(api, fleet, params.range);
+        api.caches.rankings.pin_only(vec![entry]).await;
     }
 }
 
@@ -272,28 +396,12 @@ pub async fn get_overview(
     let fleet = Fleet::of(&api.claims(&headers)?)?;
     let today = summary::today();
     let params = overview::OverviewParams::parse(&query, today)?;
-    let key = format!("{}|{}|{today}", fleet.key(), params.key());
-    let (client, policy) = (api.clickhouse.clone(), api.policy.clone());
-    let kept = api
-        .caches
-        .overview
-        .get(
-            &key,
-            recipe(move || {
-                let (client, fleet, policy, params) = (
-                    client.clone(),
-                    fleet.clone(),
-                    policy.clone(),
-                    params.clone(),
-                );
-                async move { overview::overview(&client, &fleet, &policy, &params, today).await }
-            }),
-        )
-        .await?;
+    let (key, recipe) = entries::overview(api, fleet, params, today);
+    let kept = api.caches.overview.get(&key, recipe).await?;
     ok(&OverviewAnswer {
         success: true,
         data: &kept.value,
-        meta: freshness(&kept, api.caches.overview.ttl()),
+        meta: freshness(&kept),
     })
 }
 
@@ -315,23 +423,12 @@ pub async fn get_analytics(
     let fleet = Fleet::of(&api.claims(&headers)?)?;
     let today = summary::today();
     let params = analytics::AnalyticsParams::parse(&query, today)?;
-    let key = format!("{}|{}|{today}", fleet.key(), params.key());
-    let client = api.clickhouse.clone();
-    let kept = api
-        .caches
-        .analytics
-        .get(
-            &key,
-            recipe(move || {
-                let (client, fleet, params) = (client.clone(), fleet.clone(), params.clone());
-                async move { analytics::analytics(&client, &fleet, &params).await }
-            }),
-        )
-        .await?;
+    let (key, recipe) = entries::analytics(api, fleet, params, today);
+    let kept = api.caches.analytics.get(&key, recipe).await?;
     ok(&AnalyticsAnswer {
         success: true,
         data: &kept.value,
-        meta: freshness(&kept, api.caches.analytics.ttl()),
+        meta: freshness(&kept),
     })
 }
 
@@ -353,31 +450,9 @@ pub async fn get_projection(
     let fleet = Fleet::of(&api.claims(&headers)?)?;
     let params = projection::ProjectionParams::parse(&query)?;
     let today = summary::today();
-    let key = format!("{}|{today}", fleet.key());
-    let client = api.clickhouse.clone();
-    let kept = api
-        .caches
-        .projection
-        .get(
-            &key,
-            recipe(move || {
-                let (client, fleet) = (client.clone(), fleet.clone());
-                async move {
-                    let now = Utc::now();
-                    let clock = if now.date_naive() == today {
-                        projection::clock_at(now)
-                    } else {
-                        projection::Clock {
-                            today,
-                            elapsed: 1.0,
-                        }
-                    };
-                    projection::projection(&client, &fleet, clock).await
-                }
-            }),
-        )
-        .await?;
-    let fresh = freshness(&kept, api.caches.projection.ttl());
+    let (key, recipe) = entries::projection(api, fleet, today);
+    let kept = api.caches.projection.get(&key, recipe).await?;
+    let fresh = freshness(&kept);
     ok(&ProjectionAnswer {
         success: true,
         data: kept.value.page(&params),
@@ -409,23 +484,12 @@ pub async fn get_anomalies(
     let fleet = Fleet::of(&api.claims(&headers)?)?;
     let params = anomalies::AnomaliesParams::parse(&query)?;
     let today = summary::today();
-    let key = format!("{}|{}:{}|{today}", fleet.key(), params.days, params.limit);
-    let client = api.clickhouse.clone();
-    let kept = api
-        .caches
-        .anomalies
-        .get(
-            &key,
-            recipe(move || {
-                let (client, fleet, params) = (client.clone(), fleet.clone(), params.clone());
-                async move { anomalies::anomalies(&client, &fleet, &params, today).await }
-            }),
-        )
-        .await?;
+    let (key, recipe) = entries::anomalies(api, fleet, params, today);
+    let kept = api.caches.anomalies.get(&key, recipe).await?;
     ok(&AnomaliesAnswer {
         success: true,
         data: &kept.value,
-        meta: freshness(&kept, api.caches.anomalies.ttl()),
+        meta: freshness(&kept),
     })
 }
 
@@ -449,28 +513,15 @@ pub async fn get_installations(
 ) -> Result<Response, QueryError> {
     let fleet = Fleet::of(&api.claims(&headers)?)?;
     let params = installations::InstallationsParams::parse(&query, summary::today())?;
-    let key = format!(
-        "{}|{}..{}|{}",
-        fleet.key(),
-        params.range.from,
-        params.range.to,
-        params.q.as_deref().unwrap_or("")
-    );
-    let client = api.clickhouse.clone();
-    let (range, q) = (params.range, params.q.clone());
-    let ranking = api
-        .caches
-        .rankings
-        .get(
-            &key,
-            recipe(move || {
-                let (client, fleet, q) = (client.clone(), fleet.clone(), q.clone());
-                async move { installations::ranking(&client, &fleet, &range, q.as_deref()).await }
-            }),
-        )
-        .await?;
+    let matching = match &params.q {
+        Some(q) => Some(installations::matching(&api.clickhouse, &fleet, q).await?),
+        None => None,
+    };
+    let (key, recipe) = entries::ranking(api, fleet, params.range);
+    let ranking = api.caches.rankings.get(&key, recipe).await?;
     let (list, meta) =
-        installations::installations(&api.clickhouse, &ranking.value, &params).await?;
+        installations::installations(&api.clickhouse, &ranking.value, matching.as_ref(), &params)
+            .await?;
     ok(&InstallationsAnswer {
         success: true,
         installations: list,

@@ -51,6 +51,8 @@ pub fn query_config(kafka: &KafkaArgs, clickhouse: &ClickHouseArgs) -> usage_que
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.clickhouse = clickhouse.clone();
     c.kafka = kafka.clone();
+    // Tests write and read at once: every figure computed when asked.
+    c.dashboard.cache_secs = 0;
     c.log = quiet_log();
     c
 }

@@ -1,8 +1,9 @@
 //! Query API benchmark over a large generated data set.
 //!
 //! `--generate` fills a database of its own (default `usage_bench`, never the
-//! stack's `usage`) straight through ClickHouse: N events spread over a year
-//! and over I installations (users, sources and models mixed), then the
+//! stack's `usage`) straight through ClickHouse: about N events over a year
+//! and over I installations (users, sources and models mixed; weekly rhythm,
+//! growth, daily noise and installations of different sizes), then the
 //! daily and monthly rollups and the registry mirror, the way the
 //! processors would have built them. Then it starts the release
 //! `usage-query` binary on that database and measures, with real HTTP
@@ -46,6 +47,17 @@ struct Args {
     query_binary: String,
     #[arg(long, default_value = "127.0.0.1:8091")]
     listen: String,
+    /// Seconds of dashboard page views after the first view of each page
+    /// (0: only the first views).
+    #[arg(long, default_value_t = 150)]
+    dashboard_secs: u64,
+    /// Replay the month-end projection on the data set's past months and
+    /// print its errors and its intervals' coverage.
+    #[arg(long)]
+    backtest: bool,
+    /// Only the backtest: no usage-query started, no latencies.
+    #[arg(long)]
+    backtest_only: bool,
 }
 
 const DAYS: u64 = 365;
@@ -53,10 +65,6 @@ const DAYS: u64 = 365;
 const DAYS_PER_CHUNK: u64 = 30;
 /// The raw events' retention (their TTL).
 const RAW_DAYS: u64 = 90;
-
-fn install_id(n: u64) -> String {
-    format!("00000000-0000-4000-8000-{n:012}_benchsite")
-}
 
 /// The same expression in SQL, for `number % installations`.
 const INSTALL_SQL: &str = "concat('00000000-0000-4000-8000-', leftPad(toString(number % {installs:UInt64}), 12, '0'), '_benchsite')";
@@ -80,9 +88,25 @@ fn events_sql() -> String {
                                     prompt_tokens * 0.00015 + completion_tokens * 0.0006) / 1000, 12) AS cost_usd,
                 fromUnixTimestamp64Milli(toInt64(({{start:Int64}} + intDiv(number * {DAYS}, {{total:UInt64}}) * 86400
                     + cityHash64(number, 5) % 86400) * 1000 + number % 1000), 'UTC') AS created_at
-         FROM numbers({{from:UInt64}}, {{n:UInt64}})"
+         FROM (SELECT number FROM numbers({{from:UInt64}}, {{n:UInt64}}) WHERE {KEEP_SQL})"
     )
 }
+
+/// Which numbers become events: a fleet has a week (weekends at 65% and
+/// 55% of a weekday), grows over the year (from 75% to 125% of its mean
+/// rate), has day-to-day noise (+/- 7.5%), and installations of different
+/// sizes (weights 0.25 to 1.75). The month-end projection is backtested on
+/// this shape (`--backtest`); a flat data set would flatter it.
+const KEEP_SQL: &str = "cityHash64(number, 13) % 1000000 < 1000000 / 2.4
+    * multiIf(toDayOfWeek(toDateTime({start:Int64} + intDiv(number * 365, {total:UInt64}) * 86400, 'UTC')) = 6, 0.65,
+              toDayOfWeek(toDateTime({start:Int64} + intDiv(number * 365, {total:UInt64}) * 86400, 'UTC')) = 7, 0.55, 1.0)
+    * (0.75 + 0.5 * intDiv(number * 365, {total:UInt64}) / 365)
+    * (0.925 + 0.15 * (cityHash64(intDiv(number * 365, {total:UInt64}), 11) % 1000) / 1000)
+    * (0.25 + 1.5 * pow((cityHash64(number % {installs:UInt64}, 12) % 1000) / 1000, 2))";
+
+/// The share of numbers [`KEEP_SQL`] keeps, on average: weekday 0.886 x
+/// growth 1 x noise 1 x size 0.75, over 2.4.
+const KEEP_RATE: f64 = (5.0 + 0.65 + 0.55) / 7.0 * 0.75 / 2.4;
 
 async fn generate(
     ch: &clickhouse::Client,
@@ -100,7 +124,8 @@ async fn generate(
         .unwrap_or_default()
         .and_utc()
         .timestamp();
-    let total = args.events;
+    // Numbers drawn, so that about `events` of them are kept.
+    let total = (args.events as f64 / KEEP_RATE).ceil() as u64;
     let first_of_day = |d: u64| (d * total).div_ceil(DAYS);
     let began = Instant::now();
     let mut raw = 0u64;
@@ -142,8 +167,9 @@ async fn generate(
         .execute()
         .await?;
         println!(
-            "  days {d0:>3}..{d1:<3}: {:>11} of {total} events generated ({:.0} s)",
-            first_of_day(d1),
+            "  days {d0:>3}..{d1:<3}: {:>3.0}% of about {} events generated ({:.0} s)",
+            first_of_day(d1) as f64 * 100.0 / total as f64,
+            args.events,
             began.elapsed().as_secs_f64()
         );
     }
@@ -287,6 +313,9 @@ async fn main() -> anyhow::Result<()> {
     if installs == 0 {
         bail!("the database is empty: run with --generate");
     }
+    if args.backtest_only {
+        return backtest(&ch).await;
+    }
 
     let mut child = tokio::process::Command::new(&args.query_binary)
         .args([
@@ -338,7 +367,21 @@ async fn main() -> anyhow::Result<()> {
     let b = Bench { http, base, token };
     let today = chrono::Utc::now().date_naive();
     let day = |n: i64| today - chrono::Duration::days(n);
-    let pick = |i: usize| install_id((i as u64).wrapping_mul(7919) % installs);
+    // Installations of the flat data set's size (about 250 events in 90
+    // days), so that per-installation figures compare across data sets.
+    let typical: Vec<String> = ch
+        .query(
+            "SELECT install_id FROM usage_install_daily
+             WHERE date >= today() - 89 GROUP BY install_id
+             HAVING sum(requests) BETWEEN 240 AND 400
+             ORDER BY cityHash64(install_id) LIMIT 2000",
+        )
+        .fetch_all()
+        .await?;
+    if typical.is_empty() {
+        bail!("no installation has 240 to 400 events in the last 90 days");
+    }
+    let pick = |i: usize| typical[i % typical.len()].clone();
     let n = args.requests;
     println!("\n== query API over {represented} events ==");
     b.latency("summary, 30 days, by day", n, |i| {
@@ -465,7 +508,279 @@ async fn main() -> anyhow::Result<()> {
         t.elapsed().as_secs_f64(),
         rows as f64 / t.elapsed().as_secs_f64()
     );
+    dashboard(&b, &pick, args.dashboard_secs).await?;
     println!("peak RSS of usage-query: {:.1} MiB", peak_rss_mib(pid));
     let _ = child.kill().await;
+    if args.backtest {
+        backtest(&ch).await?;
+    }
+    Ok(())
+}
+
+/// The data requests of each dashboard page, as the page makes them.
+fn page_requests(page: usize, i: usize, pick: &dyn Fn(usize) -> String) -> Vec<String> {
+    let today = chrono::Utc::now().date_naive();
+    let day = |n: i64| today - chrono::Duration::days(n);
+    match page {
+        0 => vec![format!(
+            "/provider/fleet/overview?date_from={}&date_to={today}",
+            day(29)
+        )],
+        1 => {
+            let sort = ["tokens", "cost", "date", "requests"][i % 4];
+            let mut list = vec![format!(
+                "/api/usage/installations?date_from={}&date_to={today}&sort_by={sort}&order=desc&limit=50&offset={}",
+                day(29),
+                (i * 7919 % 2000) * 50
+            )];
+            if i.is_multiple_of(5) {
+                list.push(format!(
+                    "/api/usage/installations?date_from={}&date_to={today}&sort_by=tokens&order=desc&limit=50&offset=0&q=acc_bench{}",
+                    day(29),
+                    i % 1000
+                ));
+            }
+            list
+        }
+        2 => {
+            let id = pick(i);
+            let base = format!("install_id={id}&date_from={}&date_to={today}", day(89));
+            vec![
+                format!("/provider/installations/{id}"),
+                format!("/provider/usage/summary?{base}&group_by=day&limit=1000"),
+                format!("/provider/usage/summary?{base}&group_by=user&limit=20"),
+                format!("/provider/usage/summary?{base}&group_by=source&limit=100"),
+                format!("/provider/usage/summary?{base}&group_by=model&limit=100"),
+                format!("/provider/usage/decisions?{base}&limit=1000"),
+            ]
+        }
+        3 => vec![format!(
+            "/provider/fleet/analytics?date_from={}&date_to={today}&months=12",
+            day(29)
+        )],
+        4 => vec![format!(
+            "/provider/fleet/projection?limit=20&offset={}",
+            (i % 5) * 20
+        )],
+        _ => vec!["/provider/fleet/anomalies?days=7".to_string()],
+    }
+}
+
+const PAGES: [&str; 6] = [
+    "overview",
+    "installations",
+    "installation",
+    "analytics",
+    "projection",
+    "anomalies",
+];
+
+/// The dashboard's pages over the data set: the first view of each (what
+/// a figure costs to compute, once), then `secs` of page views, one every
+/// 400 ms across the pages (the answers kept and recomputed in the
+/// background, as in use).
+async fn dashboard(b: &Bench, pick: &dyn Fn(usize) -> String, secs: u64) -> anyhow::Result<()> {
+    println!("\n== dashboard pages' data requests ==");
+    for (page, name) in PAGES.iter().enumerate() {
+        let t = Instant::now();
+        for path in page_requests(page, 0, pick) {
+            b.get(&path).await?;
+        }
+        println!(
+            "{:<44} {:>7.1} ms (computed, nothing kept yet)",
+            format!("{name}, first view"),
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    if secs == 0 {
+        return Ok(());
+    }
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); PAGES.len()];
+    let began = Instant::now();
+    let mut i = 1;
+    while began.elapsed() < Duration::from_secs(secs) {
+        let page = i % PAGES.len();
+        for path in page_requests(page, i, pick) {
+            ms[page].push(b.get(&path).await?.0);
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    for (page, name) in PAGES.iter().enumerate() {
+        let v = &mut ms[page];
+        v.sort_by(f64::total_cmp);
+        println!(
+            "{:<44} p50 {:>7.1} ms   p99 {:>7.1} ms   max {:>7.1} ms   ({} requests)",
+            format!("{name}, in use for {secs} s"),
+            pct(v, 0.5),
+            pct(v, 0.99),
+            v.last().copied().unwrap_or_default(),
+            v.len()
+        );
+    }
+    Ok(())
+}
+
+/// The month-end projection replayed on the data set's past: for each
+/// complete month with 28 days of history before it, standing at the start
+/// of days 3, 8, 15, 22 and 27, the projection of the month's generations
+/// and cost against what the month then held, for the fleet and for every
+/// installation.
+/// One month's projection errors at one cutoff day.
+struct CutoffError {
+    day: u32,
+    fleet_generations_ape: f64,
+    fleet_cost_ape: f64,
+    installation_wape: f64,
+    installation_mdape: f64,
+    installations_inside: u64,
+    installations: u64,
+    /// Of the fleet's two intervals (generations, cost).
+    fleet_inside: u64,
+}
+
+async fn backtest(ch: &clickhouse::Client) -> anyhow::Result<()> {
+    use chrono::{Datelike, Months, NaiveDate};
+    use usage_query::fleet::projection::{forecast, Clock, Weekdays, WEEKDAY_DAYS};
+    use usage_query::fleet::{series, Fleet};
+
+    println!("\n== month-end projection, backtest ==");
+    let (first, last): (u16, u16) = ch
+        .query("SELECT toUInt16(min(date)), toUInt16(max(date)) FROM usage_install_daily")
+        .fetch_one()
+        .await?;
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+    let (first, last) = (
+        epoch + chrono::Duration::days(first.into()),
+        epoch + chrono::Duration::days(last.into()),
+    );
+    let mut month = (first + chrono::Duration::days(WEEKDAY_DAYS as i64))
+        .with_day(1)
+        .unwrap_or(first)
+        + Months::new(1);
+    println!(
+        "{:<10} {:>4} {:>16} {:>16} {:>9} {:>9} {:>9} {:>9}",
+        "month",
+        "day",
+        "fleet gen. APE",
+        "fleet cost APE",
+        "inst WAPE",
+        "inst MdAPE",
+        "inst in",
+        "fleet in"
+    );
+    let mut totals: Vec<CutoffError> = Vec::new();
+    while month + Months::new(1) <= last + chrono::Duration::days(1) {
+        let end = month + Months::new(1) - chrono::Duration::days(1);
+        let from = month - chrono::Duration::days(WEEKDAY_DAYS as i64);
+        let fleet_days = series::totals(ch, &Fleet::All, from, end).await?;
+        let offset = (month - from).num_days() as usize;
+        let cutoffs = [3u32, 8, 15, 22, 27];
+        // Per cutoff: (sum |err| gens, sum actual gens, APEs, inside count, installs).
+        let mut inst: Vec<(f64, f64, Vec<f64>, u64, u64)> = cutoffs
+            .iter()
+            .map(|_| (0.0, 0.0, Vec::new(), 0, 0))
+            .collect();
+        let weekdays: Vec<Weekdays> = cutoffs
+            .iter()
+            .map(|c| {
+                let today = offset + *c as usize - 1;
+                Weekdays::estimate(
+                    &fleet_days.generations[today - WEEKDAY_DAYS..today],
+                    from + chrono::Duration::days((today - WEEKDAY_DAYS) as i64),
+                )
+            })
+            .collect();
+        let project = |values: &[f64], k: usize| {
+            let today = offset + cutoffs[k] as usize - 1;
+            let clock = Clock {
+                today: from + chrono::Duration::days(today as i64),
+                elapsed: 0.0,
+            };
+            let mtd: f64 = values[offset..today].iter().sum();
+            forecast(
+                mtd,
+                &values[today - WEEKDAY_DAYS..today],
+                clock.today - chrono::Duration::days(WEEKDAY_DAYS as i64),
+                &weekdays[k],
+                clock,
+            )
+        };
+        series::scan(ch, &Fleet::All, from, end, |s| {
+            let actual: f64 = s.generations[offset..].iter().sum();
+            if actual == 0.0 {
+                return;
+            }
+            for (k, acc) in inst.iter_mut().enumerate() {
+                let f = project(&s.generations, k);
+                acc.0 += (f.expected - actual).abs();
+                acc.1 += actual;
+                acc.2.push((f.expected - actual).abs() / actual);
+                acc.3 += u64::from(f.low <= actual && actual <= f.high);
+                acc.4 += 1;
+            }
+        })
+        .await?;
+        let actual_g: f64 = fleet_days.generations[offset..].iter().sum();
+        let actual_c: f64 = fleet_days.cost[offset..].iter().sum();
+        for (k, c) in cutoffs.iter().enumerate() {
+            let g = project(&fleet_days.generations, k);
+            let cost = project(&fleet_days.cost, k);
+            let (abs_err, act, apes, inside, n) = &mut inst[k];
+            apes.sort_by(f64::total_cmp);
+            let fleet_in = u64::from(g.low <= actual_g && actual_g <= g.high)
+                + u64::from(cost.low <= actual_c && actual_c <= cost.high);
+            println!(
+                "{:<10} {:>4} {:>15.2}% {:>15.2}% {:>8.1}% {:>8.1}% {:>8.1}% {:>9}",
+                format!("{}-{:02}", month.year(), month.month()),
+                c,
+                100.0 * (g.expected - actual_g).abs() / actual_g,
+                100.0 * (cost.expected - actual_c).abs() / actual_c,
+                100.0 * *abs_err / *act,
+                100.0 * pct(apes, 0.5),
+                100.0 * *inside as f64 / (*n).max(1) as f64,
+                format!("{fleet_in}/2"),
+            );
+            totals.push(CutoffError {
+                day: *c,
+                fleet_generations_ape: (g.expected - actual_g).abs() / actual_g,
+                fleet_cost_ape: (cost.expected - actual_c).abs() / actual_c,
+                installation_wape: *abs_err / *act,
+                installation_mdape: pct(apes, 0.5),
+                installations_inside: *inside,
+                installations: *n,
+                fleet_inside: fleet_in,
+            });
+        }
+        month = month + Months::new(1);
+    }
+    println!("\nby day of the month, over every month:");
+    println!(
+        "{:>4} {:>16} {:>16} {:>9} {:>9} {:>14} {:>14}",
+        "day",
+        "fleet gen. MAPE",
+        "fleet cost MAPE",
+        "inst WAPE",
+        "inst MdAPE",
+        "inst coverage",
+        "fleet coverage"
+    );
+    for c in [3u32, 8, 15, 22, 27] {
+        let rows: Vec<_> = totals.iter().filter(|t| t.day == c).collect();
+        let n = rows.len().max(1) as f64;
+        let inside: u64 = rows.iter().map(|t| t.installations_inside).sum();
+        let installs: u64 = rows.iter().map(|t| t.installations).sum();
+        let fleet_in: u64 = rows.iter().map(|t| t.fleet_inside).sum();
+        println!(
+            "{:>4} {:>15.2}% {:>15.2}% {:>8.1}% {:>8.1}% {:>13.1}% {:>14}",
+            c,
+            100.0 * rows.iter().map(|t| t.fleet_generations_ape).sum::<f64>() / n,
+            100.0 * rows.iter().map(|t| t.fleet_cost_ape).sum::<f64>() / n,
+            100.0 * rows.iter().map(|t| t.installation_wape).sum::<f64>() / n,
+            100.0 * rows.iter().map(|t| t.installation_mdape).sum::<f64>() / n,
+            100.0 * inside as f64 / installs.max(1) as f64,
+            format!("{fleet_in}/{}", rows.len() * 2),
+        );
+    }
     Ok(())
 }

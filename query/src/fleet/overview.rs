@@ -14,7 +14,7 @@
 //! month by `created_at` (a late event billed to this month but created in
 //! the previous one is counted there).
 
-use chrono::{Datelike, Duration, NaiveDate};
+use chrono::{Datelike, Duration, Months, NaiveDate};
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 use usage_service_kit::policy::Policy;
@@ -192,10 +192,18 @@ pub async fn overview(
     )
     .fetch_one()
     .await?;
-    let all_time: (u64, u64, String) = q(
-        "SELECT sum(requests), sum(total_tokens), toString(sum(cost_usd))
-         FROM usage_monthly FINAL WHERE {fleet}",
-    )
+    // The last year from the per-installation daily rollup (a few rows an
+    // installation a day: a tenth of the monthly rollup's FINAL merge, which
+    // keeps every user, source and model), the months before from the
+    // monthly one (the daily rows expire after two years, those never).
+    let daily_from = month - Months::new(12);
+    let all_time: (u64, u64, String) = q("SELECT sum(r), sum(t), toString(sum(c))
+         FROM (SELECT sum(requests) AS r, sum(total_tokens) AS t, sum(cost_usd) AS c
+               FROM usage_monthly FINAL WHERE {fleet} AND month < {daily_from:Date}
+               UNION ALL
+               SELECT sum(requests), sum(total_tokens), sum(cost_usd)
+               FROM usage_install_daily FINAL WHERE {fleet} AND date >= {daily_from:Date})")
+    .param("daily_from", daily_from.to_string())
     .fetch_one()
     .await?;
     let windows: (u64, u64, String, u64, u64, String) = q(

@@ -3,19 +3,23 @@
 //!
 //! The method (also stated in every answer, `method`):
 //! 1. Day-of-week factors from the fleet's last 28 complete UTC days: each
-//!    weekday's mean over the overall mean, shrunk toward 1 by one
-//!    pseudo-week of average days (a fleet of ten sites has noisy weekdays).
+//!    weekday's mean over the overall mean, shrunk toward 1 by k
+//!    pseudo-weeks of average days, k = min(1, 25 / the mean day): a fleet
+//!    of ten sites has noisy weekdays, a fleet of thousands does not.
 //! 2. A level per series (the fleet's, and each installation's): the mean of
 //!    its last 14 complete days, each divided by its weekday's factor.
-//! 3. The rest of the month is the level times the factors of the days left
-//!    (the rest of today by the part of the day still to come), added to the
-//!    month to date.
+//! 3. The rest of the month is the level times the factors of the days
+//!    left (the rest of today by the part of the day still to come), added
+//!    to the month to date.
 //! 4. The interval: the spread of those 14 adjusted days (sample standard
 //!    deviation s) over the days left, s * sqrt(sum f^2 + (sum f)^2 / 14),
-//!    the second term for the level's own error; +/- 1.2816 of it is 80% if
-//!    the days are roughly normal. Never below the month to date.
+//!    the second term for the level's own error; plus the drift: the change
+//!    of the level from the fortnight before, beyond what the days' noise
+//!    explains, carried on over the days left (a growing fleet is not
+//!    projected to grow, but its interval allows it). +/- 1.2816 of it is
+//!    80% if the days are roughly normal. Never below the month to date.
 //!
-//! An installation with no usage in the last 14 days projects its month to
+//! An installation with no usage in the last 28 days projects its month to
 //! date. The error of this method over a year of history is measured by
 //! `usage-query-bench --backtest` (BENCHMARKS.md).
 
@@ -30,18 +34,22 @@ use crate::params::{self, Query};
 
 /// Complete days the level is taken over.
 pub const LEVEL_DAYS: usize = 14;
-/// Complete days the weekday factors are taken over.
+/// Complete days the weekday factors and the drift are taken over.
 pub const WEEKDAY_DAYS: usize = 28;
+/// The mean day at which weekday factors are no longer shrunk (a Poisson
+/// count of 25 is within 20% of its mean most days).
+const WEEKDAY_SHRINK_AT: f64 = 25.0;
 /// The normal quantile of an 80% two-sided interval.
 pub const Z80: f64 = 1.2816;
 pub const MAX_LIMIT: u64 = 500;
 
 pub const METHOD: &str = "Run rate with day-of-week effects: weekday factors from the fleet's \
-last 28 complete UTC days (each weekday's mean over the overall mean, shrunk toward 1 by one \
-average week); each series' level is the mean of its last 14 complete days divided by their \
+last 28 complete UTC days (each weekday's mean over the overall mean, shrunk toward 1 when the \
+fleet is small); each series' level is the mean of its last 14 complete days divided by their \
 weekday factors; the rest of the month is that level times the factors of the days left, added \
 to the month to date. The interval is 80%: +/- 1.2816 standard deviations of the adjusted daily \
-values, scaled to the days left and to the level's own error.";
+values, scaled to the days left and to the level's own error, plus the drift of the level from \
+the fortnight before beyond what its noise explains.";
 
 /// Factors by weekday, Monday first; their mean is 1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
@@ -64,9 +72,10 @@ impl Weekdays {
             sums[w] += y;
             counts[w] += 1.0;
         }
+        let k = (WEEKDAY_SHRINK_AT / mean).min(1.0);
         let mut f = [1.0; 7];
         for w in 0..7 {
-            f[w] = (sums[w] + mean) / ((counts[w] + 1.0) * mean);
+            f[w] = (sums[w] + k * mean) / ((counts[w] + k) * mean);
         }
         let norm = f.iter().sum::<f64>() / 7.0;
         Weekdays(f.map(|x| x / norm))
@@ -125,37 +134,85 @@ impl Clock {
     }
 }
 
-/// The level and spread of `trailing` (complete days, the first on `first`).
-fn level(trailing: &[f64], first: NaiveDate, weekdays: &Weekdays) -> (f64, f64) {
-    let n = trailing.len();
-    if n == 0 {
-        return (0.0, 0.0);
+/// What a series' history says about its days to come, in
+/// weekday-adjusted units a day.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Run {
+    /// The mean of the last 14 adjusted days.
+    level: f64,
+    /// Their sample standard deviation.
+    spread: f64,
+    /// Days the level is the mean of.
+    days: f64,
+    /// How far the level may drift, per day, squared: the change from the
+    /// fortnight before beyond what the days' noise explains.
+    drift_var: f64,
+}
+
+impl Run {
+    /// From `history` (complete days, oldest first, the first on `first`):
+    /// the level over its last [`LEVEL_DAYS`], the drift from the
+    /// [`LEVEL_DAYS`] before when the history has them.
+    fn of(history: &[f64], first: NaiveDate, weekdays: &Weekdays) -> Self {
+        let adjusted: Vec<f64> = history
+            .iter()
+            .enumerate()
+            .map(|(i, y)| y / weekdays.of(first + Duration::days(i as i64)))
+            .collect();
+        let split = adjusted.len().saturating_sub(LEVEL_DAYS);
+        let (before, recent) = adjusted.split_at(split);
+        let n = recent.len();
+        if n == 0 {
+            return Self {
+                level: 0.0,
+                spread: 0.0,
+                days: 1.0,
+                drift_var: 0.0,
+            };
+        }
+        let level = mean(recent);
+        let spread = if n > 1 {
+            (recent.iter().map(|z| (z - level).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        let mut drift_var = 0.0;
+        if before.len() == LEVEL_DAYS && n == LEVEL_DAYS {
+            let span = LEVEL_DAYS as f64;
+            let earlier = mean(before);
+            let change = (level - earlier) / span;
+            let var_before =
+                before.iter().map(|z| (z - earlier).powi(2)).sum::<f64>() / (span - 1.0);
+            // What two means of 14 noisy days a fortnight apart differ by
+            // on their own, per day squared; the change beyond that is
+            // drift the level may keep up.
+            let noise = (spread * spread + var_before) / span / (span * span);
+            drift_var = (change * change - noise).max(0.0);
+        }
+        Self {
+            level,
+            spread,
+            days: n as f64,
+            drift_var,
+        }
     }
-    let adjusted: Vec<f64> = trailing
-        .iter()
-        .enumerate()
-        .map(|(i, y)| y / weekdays.of(first + Duration::days(i as i64)))
-        .collect();
-    let mean = adjusted.iter().sum::<f64>() / n as f64;
-    let var = if n > 1 {
-        adjusted.iter().map(|z| (z - mean).powi(2)).sum::<f64>() / (n - 1) as f64
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
 }
 
 /// The month-end forecast of one series: `month_to_date` observed (today's
-/// part included), `trailing` the complete days before today (oldest first,
-/// the first on `first`).
+/// part included), `history` the complete days before today (oldest first,
+/// the first on `first`; up to [`WEEKDAY_DAYS`]).
 pub fn forecast(
     month_to_date: f64,
-    trailing: &[f64],
+    history: &[f64],
     first: NaiveDate,
     weekdays: &Weekdays,
     clock: Clock,
 ) -> Forecast {
-    path(month_to_date, trailing, first, weekdays, clock)
+    path(month_to_date, history, first, weekdays, clock)
         .last()
         .map_or(
             Forecast {
@@ -171,22 +228,28 @@ pub fn forecast(
 /// The forecast at the end of each day left (today first).
 pub fn path(
     month_to_date: f64,
-    trailing: &[f64],
+    history: &[f64],
     first: NaiveDate,
     weekdays: &Weekdays,
     clock: Clock,
 ) -> Vec<(NaiveDate, Forecast)> {
-    let (level, spread) = level(trailing, first, weekdays);
-    let n = trailing.len().max(1) as f64;
-    let (mut sum_f, mut sum_f2) = (0.0, 0.0);
+    let run = Run::of(history, first, weekdays);
+    // Days from the middle of the level's fortnight to today's middle: how
+    // far a drifting level has moved by each day left.
+    let lead = (run.days + 1.0) / 2.0;
+    let (mut sum_f, mut sum_f2, mut sum_fh) = (0.0, 0.0, 0.0);
     clock
         .days_left(weekdays)
         .into_iter()
-        .map(|(day, f)| {
+        .enumerate()
+        .map(|(h, (day, f))| {
             sum_f += f;
             sum_f2 += f * f;
-            let rest = level * sum_f;
-            let half = Z80 * spread * (sum_f2 + sum_f * sum_f / n).sqrt();
+            sum_fh += f * (lead + h as f64);
+            let rest = run.level * sum_f;
+            let var = run.spread * run.spread * (sum_f2 + sum_f * sum_f / run.days)
+                + run.drift_var * sum_fh * sum_fh;
+            let half = Z80 * var.sqrt();
             (
                 day,
                 Forecast {
@@ -292,13 +355,13 @@ pub async fn projection(
         &total.generations[today_index - WEEKDAY_DAYS..today_index],
         today - Duration::days(WEEKDAY_DAYS as i64),
     );
-    let trailing_first = today - Duration::days(LEVEL_DAYS as i64);
+    let history_first = today - Duration::days(WEEKDAY_DAYS as i64);
     let one = |values: &[f64]| {
         let mtd: f64 = values[month_index..].iter().sum();
         forecast(
             mtd,
-            &values[today_index - LEVEL_DAYS..today_index],
-            trailing_first,
+            &values[today_index - WEEKDAY_DAYS..today_index],
+            history_first,
             &weekdays,
             clock,
         )
@@ -323,8 +386,8 @@ pub async fn projection(
         let mtd: f64 = values[month_index..].iter().sum();
         path(
             mtd,
-            &values[today_index - LEVEL_DAYS..today_index],
-            trailing_first,
+            &values[today_index - WEEKDAY_DAYS..today_index],
+            history_first,
             &weekdays,
             clock,
         )
@@ -445,19 +508,68 @@ mod tests {
     #[test]
     fn weekday_factors_follow_the_weekly_shape_and_average_one() {
         // 2026-11-02 is a Monday; weekends at half the weekdays' volume.
-        let days: Vec<f64> = (0..28)
-            .map(|i| if i % 7 >= 5 { 50.0 } else { 100.0 })
-            .collect();
-        let w = Weekdays::estimate(&days, d("2026-11-02"));
-        let mean = w.0.iter().sum::<f64>() / 7.0;
+        let shape = |scale: f64| -> Vec<f64> {
+            (0..28)
+                .map(|i| if i % 7 >= 5 { scale / 2.0 } else { scale })
+                .collect()
+        };
+        let big = Weekdays::estimate(&shape(10_000.0), d("2026-11-02"));
+        let mean = big.0.iter().sum::<f64>() / 7.0;
         assert!((mean - 1.0).abs() < 1e-9);
-        assert!(w.0[5] < 0.75 && w.0[0] > 1.1, "{w:?}");
-        // Shrunk: the raw ratio would be 0.583 for a weekend day.
-        assert!(w.0[5] > 0.6);
+        // A large fleet's weekdays are taken as they are: 0.5 / (6 / 7).
+        assert!((big.0[5] - 7.0 / 12.0).abs() < 1e-3, "{big:?}");
+        assert!((big.0[0] - 7.0 / 6.0).abs() < 1e-3, "{big:?}");
+        // A fleet of a few sites (about 8 generations a day) is shrunk by
+        // one pseudo-week of average days.
+        let small = Weekdays::estimate(&shape(10.0), d("2026-11-02"));
+        assert!(small.0[5] > 0.6 && small.0[5] < 0.75, "{small:?}");
         assert_eq!(
             Weekdays::estimate(&[0.0; 28], d("2026-11-02")),
             Weekdays::FLAT
         );
+    }
+
+    #[test]
+    fn a_drifting_series_gets_a_wider_interval_around_the_same_run_rate() {
+        // 1,000 a day on 2026-10-17, 10 more each day: 1,205 a day over
+        // the last fortnight, 1,065 over the one before.
+        let clock = Clock {
+            today: d("2026-11-14"),
+            elapsed: 0.0,
+        };
+        let growing: Vec<f64> = (0..28).map(|i| 1000.0 + 10.0 * i as f64).collect();
+        let f = forecast(0.0, &growing, d("2026-10-17"), &Weekdays::FLAT, clock);
+        let recent = forecast(0.0, &growing[14..], d("2026-10-31"), &Weekdays::FLAT, clock);
+        assert!((f.expected - 17.0 * 1205.0).abs() < 1e-6, "{f:?}");
+        assert!((recent.expected - f.expected).abs() < 1e-6);
+        assert!(
+            f.high - f.low > 2.0 * (recent.high - recent.low),
+            "{f:?} {recent:?}"
+        );
+        // What really came (10 more a day) is inside.
+        let truth: f64 = (28..45).map(|i| 1000.0 + 10.0 * i as f64).sum();
+        assert!(f.low <= truth && truth <= f.high, "{f:?} vs {truth}");
+        assert!(!(recent.low <= truth && truth <= recent.high));
+    }
+
+    #[test]
+    fn noise_between_the_fortnights_is_not_drift() {
+        // Alternating 0 and 20 a day, after a fortnight of 8 and 12.
+        let history: Vec<f64> = (0..28)
+            .map(|i| match (i < 14, i % 2 == 0) {
+                (true, true) => 8.0,
+                (true, false) => 12.0,
+                (false, true) => 0.0,
+                (false, false) => 20.0,
+            })
+            .collect();
+        let run = Run::of(&history, d("2026-10-17"), &Weekdays::FLAT);
+        assert_eq!((run.level, run.drift_var), (10.0, 0.0));
+        // Slightly different levels, within the noise: still no drift.
+        let mut shifted = history.clone();
+        shifted[27] += 2.0;
+        let run = Run::of(&shifted, d("2026-10-17"), &Weekdays::FLAT);
+        assert_eq!(run.drift_var, 0.0, "{run:?}");
     }
 
     #[test]
@@ -509,17 +621,18 @@ mod tests {
         #[test]
         fn the_interval_holds_the_expectation_and_never_falls_below_the_month_to_date(
             mtd in 0.0..1e6f64,
-            trailing in proptest::collection::vec(0.0..1e4f64, 0..=14),
+            history in proptest::collection::vec(0.0..1e4f64, 0..=28),
             day in 1u32..=28,
             elapsed in 0.0..=1.0f64,
             factors in proptest::array::uniform7(0.2..2.0f64),
         ) {
             let clock = Clock { today: NaiveDate::from_ymd_opt(2026, 2, day).unwrap(), elapsed };
             let weekdays = Weekdays(factors);
-            let f = forecast(mtd, &trailing, clock.today - Duration::days(14), &weekdays, clock);
+            let first = clock.today - Duration::days(history.len() as i64);
+            let f = forecast(mtd, &history, first, &weekdays, clock);
             prop_assert!(f.low >= mtd - 1e-6);
             prop_assert!(f.low <= f.expected + 1e-6 && f.expected <= f.high + 1e-6);
-            let p = path(mtd, &trailing, clock.today - Duration::days(14), &weekdays, clock);
+            let p = path(mtd, &history, first, &weekdays, clock);
             prop_assert_eq!(p.len() as u32, 28 - day + 1);
             prop_assert!(p.windows(2).all(|w| w[0].1.expected <= w[1].1.expected + 1e-6));
         }
