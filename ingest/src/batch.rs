@@ -51,7 +51,7 @@ pub struct BatchIn<'a> {
     pub install_id: String,
     /// A string, or the account's number as the deployed plugin sends it.
     #[serde(deserialize_with = "crate::registry::commands::account_id")]
-    #[schema(value_type = String)]
+    #[schema(schema_with = crate::registry::commands::account_id_schema)]
     pub account_id: String,
     /// 1 to 500 events; each is checked on its own (`rejected`).
     #[serde(borrow)]

@@ -24,6 +24,17 @@ pub const FIRST_SYNC: &str = "first_sync";
 pub const MAX_OVERLAP_SECS: i64 = 86_400;
 pub const DEFAULT_OVERLAP_SECS: i64 = 900;
 
+/// The OpenAPI schema of [`account_id`]: a string or an integer.
+pub fn account_id_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Array(vec![Type::String, Type::Integer]))
+        .description(Some(
+            "The account: a string, or its number as the deployed plugin sends it.",
+        ))
+        .build()
+}
+
 /// An account id sent as a JSON string or number (the deployed plugin sends
 /// its account's numeric id).
 pub fn account_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -39,7 +50,7 @@ pub struct RegisterRequest {
     pub install_id: String,
     /// A string, or the account's number.
     #[serde(deserialize_with = "account_id")]
-    #[schema(value_type = String)]
+    #[schema(schema_with = account_id_schema)]
     pub account_id: String,
     pub secret: String,
     /// Only a caller with `plans:write` may choose it; others get the

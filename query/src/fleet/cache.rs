@@ -211,10 +211,15 @@ impl<T: Send + Sync + 'static> Cache<T> {
 
     /// Recomputes, one after the other, the kept answers asked for lately
     /// that are half their freshness old, and the pinned ones older than
-    /// [`PINNED_EVERY`]. Returns how many it recomputed.
+    /// [`PINNED_EVERY`]; forgets the rest. Returns how many it recomputed.
     pub async fn warm(&self) -> usize {
         let slots: Vec<Arc<Slot<T>>> = {
-            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget what nobody asked for lately and nothing pins
+            // (yesterday's default keys, a range looked at once): its
+            // answer may be large, and the next ask computes it again.
+            let warm_for = self.warm_for;
+            slots.retain(|_, s| s.is_pinned() || s.asked_within(warm_for));
             slots.values().cloned().collect()
         };
         let mut recomputed = 0;
@@ -288,9 +293,9 @@ async fn run<T>(slot: &Slot<T>, rules: Rules) -> Result<Kept<T>, QueryError> {
         fresh_for: rules.ttl.max(cost * 10),
     };
     let keep = cost >= rules.keep_above;
-    if keep {
-        *slot.kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(kept.clone());
-    }
+    // A cheap answer replaces a kept one too (which may date from a cold
+    // start): from now on this figure is computed when asked.
+    *slot.kept.lock().unwrap_or_else(|p| p.into_inner()) = keep.then(|| kept.clone());
     *slot.cheap.lock().unwrap_or_else(|p| p.into_inner()) = !keep;
     Ok(kept)
 }
@@ -378,6 +383,64 @@ mod tests {
         assert_eq!(*cache.get("k", slow.clone()).await.unwrap().value, 1);
         assert_eq!(*cache.get("k", slow).await.unwrap().value, 2);
         assert_eq!(cache.warm().await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_cheap_recomputation_replaces_a_kept_answer() {
+        let cache = Cache::new(Duration::from_millis(50));
+        let runs = Arc::new(AtomicU32::new(0));
+        // Expensive the first time (a cold start), cheap afterwards.
+        let cold_then_cheap: Recipe<u32> = {
+            let runs = runs.clone();
+            recipe(move || {
+                let runs = runs.clone();
+                async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n == 1 {
+                        tokio::time::sleep(Duration::from_millis(120)).await;
+                    }
+                    Ok(n)
+                }
+            })
+        };
+        assert_eq!(
+            *cache.get("k", cold_then_cheap.clone()).await.unwrap().value,
+            1
+        );
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        // Stale: served once while recomputed (cheaply) behind.
+        assert_eq!(
+            *cache.get("k", cold_then_cheap.clone()).await.unwrap().value,
+            1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Not kept any more: every ask computes.
+        assert_eq!(
+            *cache.get("k", cold_then_cheap.clone()).await.unwrap().value,
+            3
+        );
+        assert_eq!(*cache.get("k", cold_then_cheap).await.unwrap().value, 4);
+    }
+
+    #[tokio::test]
+    async fn the_warmer_forgets_what_nobody_asks_for_or_pins() {
+        let mut cache = Cache::new(Duration::from_secs(60)).keeping_everything();
+        cache.warm_for = Duration::from_millis(100);
+        let runs = Arc::new(AtomicU32::new(0));
+        cache
+            .get("old", counting(runs.clone(), Duration::ZERO))
+            .await
+            .unwrap();
+        cache
+            .pin_only(vec![(
+                "pinned".into(),
+                counting(runs.clone(), Duration::ZERO),
+            )])
+            .await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        cache.warm().await;
+        let keys: Vec<String> = cache.slots.lock().unwrap().keys().cloned().collect();
+        assert_eq!(keys, vec!["pinned".to_string()]);
     }
 
     #[tokio::test]

@@ -5,7 +5,8 @@
 //! 1. Day-of-week factors from the fleet's last 28 complete UTC days: each
 //!    weekday's mean over the overall mean, shrunk toward 1 by k
 //!    pseudo-weeks of average days, k = min(1, 25 / the mean day): a fleet
-//!    of ten sites has noisy weekdays, a fleet of thousands does not.
+//!    of ten sites has noisy weekdays, a fleet of thousands does not; and
+//!    at least 0.25, since they divide each installation's days.
 //! 2. A level per series (the fleet's, and each installation's): the mean of
 //!    its last 14 complete days, each divided by its weekday's factor.
 //! 3. The rest of the month is the level times the factors of the days
@@ -39,6 +40,8 @@ pub const WEEKDAY_DAYS: usize = 28;
 /// The mean day at which weekday factors are no longer shrunk (a Poisson
 /// count of 25 is within 20% of its mean most days).
 const WEEKDAY_SHRINK_AT: f64 = 25.0;
+/// The least a weekday's factor may be, before they are scaled to average 1.
+const WEEKDAY_FLOOR: f64 = 0.25;
 /// The normal quantile of an 80% two-sided interval.
 pub const Z80: f64 = 1.2816;
 pub const MAX_LIMIT: u64 = 500;
@@ -75,7 +78,10 @@ impl Weekdays {
         let k = (WEEKDAY_SHRINK_AT / mean).min(1.0);
         let mut f = [1.0; 7];
         for w in 0..7 {
-            f[w] = (sums[w] + k * mean) / ((counts[w] + k) * mean);
+            // Floored: the factors divide every installation's days, and a
+            // site busy on the fleet's idle day would otherwise project
+            // its one busy day many times over.
+            f[w] = ((sums[w] + k * mean) / ((counts[w] + k) * mean)).max(WEEKDAY_FLOOR);
         }
         let norm = f.iter().sum::<f64>() / 7.0;
         Weekdays(f.map(|x| x / norm))
@@ -527,6 +533,13 @@ mod tests {
             Weekdays::estimate(&[0.0; 28], d("2026-11-02")),
             Weekdays::FLAT
         );
+        // A large fleet idle on Sundays: the factor stays a quarter of
+        // the others' (before scaling), not zero.
+        let idle: Vec<f64> = (0..28)
+            .map(|i| if i % 7 == 6 { 0.0 } else { 100_000.0 })
+            .collect();
+        let w = Weekdays::estimate(&idle, d("2026-11-02"));
+        assert!((w.0[6] / w.0[0] - 0.25 / (7.0 / 6.0)).abs() < 1e-3, "{w:?}");
     }
 
     #[test]
