@@ -492,10 +492,11 @@ impl Projection {
     }
 }
 
-/// The clock of `now`.
+/// The clock of `now`, to the minute: a projection is as of a minute, so
+/// that answers within it agree (and a second changes nothing anyone needs).
 pub fn clock_at(now: chrono::DateTime<chrono::Utc>) -> Clock {
     let today = now.date_naive();
-    let seconds = now.time().num_seconds_from_midnight();
+    let seconds = now.time().num_seconds_from_midnight() / 60 * 60;
     Clock {
         today,
         elapsed: f64::from(seconds) / 86_400.0,
