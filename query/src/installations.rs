@@ -124,14 +124,6 @@ impl Ranking {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-    }
-
     /// The rows' indexes in the requested order; ties by install_id, so
     /// pages are stable.
     fn order(&self, sort_by: SortBy, descending: bool) -> &[u32] {

@@ -115,6 +115,7 @@ impl<T: Send + Sync + 'static> Cache<T> {
     }
 
     /// Keeps every answer, however cheap (tests).
+    #[cfg(test)]
     pub fn keeping_everything(mut self) -> Self {
         self.rules.keep_above = Duration::ZERO;
         self
@@ -241,10 +242,6 @@ impl<T: Send + Sync + 'static> Cache<T> {
             }
         }
         recomputed
-    }
-
-    pub fn ttl(&self) -> Duration {
-        self.rules.ttl
     }
 
     /// A ttl of 0 turns keeping off: every answer is computed when asked
