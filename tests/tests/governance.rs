@@ -273,9 +273,17 @@ async fn the_100th_request_in_5_minutes_stops_admission_and_the_101st_is_recorde
         over_limit(&p, &site).await,
         [("rate_limited".to_string(), 1)]
     );
-    let s = p
-        .summary(&format!("install_id={}&group_by=month", site.install_id))
-        .await;
+    // The rollups follow the raw events by a recompute: wait for them.
+    let mut s = Value::Null;
+    for _ in 0..100 {
+        s = p
+            .summary(&format!("install_id={}&group_by=month", site.install_id))
+            .await;
+        if s["data"][0]["total_requests"].as_u64() == Some(101) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert_eq!(
         (
             s["data"][0]["total_requests"].as_u64(),
