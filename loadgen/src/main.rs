@@ -38,6 +38,11 @@ struct Args {
     query: String,
     #[arg(long, default_value = "http://127.0.0.1:8082")]
     processors: String,
+    /// Where the processors write: the drain is over when ClickHouse holds
+    /// every distinct event of the run (not the processors' own counter,
+    /// which starts again at 0 when a processor restarts).
+    #[command(flatten)]
+    clickhouse: usage_service_kit::clickhouse::ClickHouseArgs,
     #[arg(long, env = "USAGE_JWT_SECRET", default_value = DEV_SECRET, hide_env_values = true)]
     jwt_secret: String,
     /// Simulated installations.
@@ -470,9 +475,13 @@ fn metric(text: &str, name: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-async fn processor_inserted(client: &reqwest::Client, args: &Args) -> u64 {
-    let text = metrics_text(client, &args.processors).await;
-    text.and_then(|t| metric(&t, "usage_processor_events_inserted_total"))
+/// Raw events stored since `since_ms` (received_at), read from ClickHouse:
+/// the processors store a batch's raw events last, after its rollups.
+async fn stored_since(ch: &clickhouse::Client, since_ms: i64) -> u64 {
+    ch.query("SELECT count() FROM usage_events WHERE received_at >= fromUnixTimestamp64Milli({since:Int64})")
+        .param("since", since_ms)
+        .fetch_one::<u64>()
+        .await
         .unwrap_or(0)
 }
 
@@ -560,7 +569,10 @@ async fn main() -> anyhow::Result<()> {
     println!("registered in {:.1} s", registered.elapsed().as_secs_f64());
     // Every gateway must know them; one gateway here, which applied its own writes.
 
-    let inserted_before = processor_inserted(&client, &args).await;
+    let ch = args.clickhouse.client();
+    // Events of this run are received from now on (the gateway stamps them).
+    let run_began_ms = chrono::Utc::now().timestamp_millis() - 1_000;
+    let stored_before = stored_since(&ch, run_began_ms).await;
     let processors_pid = args
         .pid_dir
         .as_ref()
@@ -633,8 +645,8 @@ async fn main() -> anyhow::Result<()> {
     let drain_start = Instant::now();
     let mut drained_at = None;
     while drain_start.elapsed() < Duration::from_secs(300) {
-        let inserted = processor_inserted(&client, &args).await - inserted_before;
-        if inserted >= distinct {
+        let stored = stored_since(&ch, run_began_ms).await - stored_before;
+        if stored >= distinct {
             drained_at = Some(drain_from.elapsed().as_secs_f64());
             break;
         }
@@ -769,7 +781,7 @@ async fn main() -> anyhow::Result<()> {
         freshness_us: &mut freshness,
         enforcement_us: &mut enforcement,
         drained_at,
-        processor_inserted: processor_inserted(&client, &args).await - inserted_before,
+        processor_inserted: stored_since(&ch, run_began_ms).await - stored_before,
         bare,
         rss: report::peak_rss(args.pid_dir.as_deref()),
         mismatches: mismatches.len(),

@@ -72,6 +72,10 @@ pub struct Config {
     /// its offsets are committed (proves redelivery counts nothing twice).
     #[arg(long, env = "USAGE_PROCESSORS_CRASH_AFTER_FLUSH", hide = true)]
     pub crash_after_flush: Option<u64>,
+    /// TEST ONLY: abort in the N-th flush after its rollup deltas are
+    /// written and before its raw events are. Never set in production.
+    #[arg(long, env = "USAGE_PROCESSORS_CRASH_AFTER_DELTAS", hide = true)]
+    pub crash_after_deltas: Option<u64>,
     /// TEST ONLY: wait this many ms after each batch is written and
     /// governed, before looking again for erasures recorded meanwhile.
     #[arg(

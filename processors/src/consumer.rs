@@ -1,12 +1,16 @@
-//! The events-topic consumer: batches bounded by size and time, written by
-//! `rollup::flush`, offsets committed only once ClickHouse has everything.
+//! The events-topic consumer: batches bounded by size and time, recorded in
+//! the batch ledger, written by `rollup::flush`, governed, and committed
+//! only once ClickHouse and Kafka have everything.
 //!
 //! While ClickHouse is down the loop stops consuming and retries the same
 //! batch with backoff (up to 5 s between tries), then resumes; nothing is
-//! committed until it succeeds, so nothing is lost, and the rollup mechanism
-//! makes the retry count nothing twice. A message that does not decode is
-//! logged with its partition and offset, counted, and skipped (a poison
-//! message must not stop billing for everyone).
+//! committed until it succeeds, so nothing is lost, and the deduplication
+//! tokens make the retry add nothing twice. On taking over partitions (at
+//! start, after a crash, in a rebalance) it first redoes the batches of
+//! those partitions the ledger holds as unfinished, with their recorded
+//! offsets, and skips them afterwards (`ledger`). A message that does not
+//! decode is logged with its partition and offset, counted, and skipped (a
+//! poison message must not stop billing for everyone).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +26,7 @@ use usage_schemas::wire::AvroRecord;
 use usage_schemas::UsageEvent;
 
 use crate::governance::engine::Engine;
+use crate::ledger::{Ledger, Range, RecordedBatch};
 use crate::metrics::ProcessorMetrics;
 use crate::pricing::PriceTable;
 use crate::rollup::{self, FlushReport};
@@ -29,13 +34,25 @@ use crate::rollup::{self, FlushReport};
 /// Notes rebalances: on a revocation, governance state the next owner may
 /// change is dropped before this instance governs again; on an assignment,
 /// the new owner catches up with plan changes nobody acted on meanwhile.
+///
+/// Also exports each owned partition's consumer lag (messages between the
+/// committed offset and the partition's end) from librdkafka's statistics.
 #[derive(Clone, Default)]
 pub struct RebalanceWatch {
     revoked: Arc<AtomicBool>,
     assigned: Arc<AtomicBool>,
+    lag: Option<(String, prometheus::IntGaugeVec)>,
 }
 
 impl RebalanceWatch {
+    /// A watch that also sets `lag` (labelled by partition) for `topic`.
+    pub fn with_lag(topic: &str, lag: prometheus::IntGaugeVec) -> Self {
+        Self {
+            lag: Some((topic.to_string(), lag)),
+            ..Self::default()
+        }
+    }
+
     /// True once after every revocation.
     fn take_revoked(&self) -> bool {
         self.revoked.swap(false, Ordering::SeqCst)
@@ -47,7 +64,27 @@ impl RebalanceWatch {
     }
 }
 
-impl ClientContext for RebalanceWatch {}
+impl ClientContext for RebalanceWatch {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some((topic, gauge)) = &self.lag else {
+            return;
+        };
+        let Some(topic) = statistics.topics.get(topic) else {
+            return;
+        };
+        for (partition, p) in &topic.partitions {
+            if *partition < 0 {
+                continue; // librdkafka's internal "unassigned" partition
+            }
+            let label = partition.to_string();
+            if p.desired && p.consumer_lag >= 0 {
+                gauge.with_label_values(&[&label]).set(p.consumer_lag);
+            } else {
+                let _ = gauge.remove_label_values(&[&label]);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceWatch {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -93,6 +130,10 @@ pub struct FaultInjection {
     /// before its offsets are committed, to prove the redelivered batch
     /// counts nothing twice.
     pub crash_after_flush: Option<u64>,
+    /// Abort the process in the N-th flush, once its rollup deltas are
+    /// written and before its raw events are: the redone batch must add
+    /// nothing to the rollups and store the raw events.
+    pub crash_after_deltas: Option<u64>,
     /// Wait this long after each batch is written and governed, before the
     /// erasure's second look: a test records an erasure in that window, the
     /// race `settle_erasures` closes.
@@ -110,13 +151,66 @@ pub struct EventsConsumer {
     pub governance: Engine,
     /// Installations whose plan changed (from the registry follower).
     pub plan_changes: tokio::sync::mpsc::UnboundedReceiver<String>,
+    pub ledger: Ledger,
+    /// The Kafka client settings, for the reader that fetches the offsets
+    /// of a batch to redo.
+    pub kafka: rdkafka::ClientConfig,
 }
 
 /// What `collect` gathered: a batch, and plan changes to re-evaluate.
+#[derive(Default)]
 struct Collected {
     events: Vec<UsageEvent>,
-    offsets: BTreeMap<i32, i64>,
+    /// The partition and offset of each event.
+    positions: Vec<(i32, i64)>,
+    /// Each partition's first and last offset read (undecodable messages
+    /// included).
+    ranges: BTreeMap<i32, (i64, i64)>,
     plan_changes: Vec<String>,
+}
+
+impl Collected {
+    fn add(&mut self, partition: i32, offset: i64, event: Option<UsageEvent>) {
+        let range = self.ranges.entry(partition).or_insert((offset, offset));
+        range.1 = offset;
+        if let Some(event) = event {
+            self.events.push(event);
+            self.positions.push((partition, offset));
+        }
+    }
+
+    /// Keeps only what `keep` accepts (by partition and offset); ranges
+    /// shrink to the offsets kept, dropping a partition left empty.
+    fn retain(&mut self, keep: impl Fn(i32, i64) -> bool) {
+        let mut kept_events = Vec::with_capacity(self.events.len());
+        let mut kept_positions = Vec::with_capacity(self.positions.len());
+        for (e, (p, o)) in self.events.drain(..).zip(self.positions.drain(..)) {
+            if keep(p, o) {
+                kept_events.push(e);
+                kept_positions.push((p, o));
+            }
+        }
+        self.events = kept_events;
+        self.positions = kept_positions;
+        let ranges = std::mem::take(&mut self.ranges);
+        for (p, (first, last)) in ranges {
+            let kept: Vec<i64> = (first..=last).filter(|o| keep(p, *o)).collect();
+            if let (Some(f), Some(l)) = (kept.first(), kept.last()) {
+                self.ranges.insert(p, (*f, *l));
+            }
+        }
+    }
+
+    fn ledger_ranges(&self) -> Vec<Range> {
+        self.ranges
+            .iter()
+            .map(|(p, (first, last))| Range {
+                partition: *p,
+                first: *first,
+                last: *last,
+            })
+            .collect()
+    }
 }
 
 /// Waits `delay` before a retry, then doubles it (up to 5 s); false when
@@ -134,68 +228,266 @@ impl EventsConsumer {
     /// Consumes until `shutdown` turns true; the batch in hand is finished first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut flushes = 0u64;
+        // The last batch written and committed, marked done in the ledger
+        // with the next one's record (or at shutdown).
+        let mut last_done: Option<RecordedBatch> = None;
+        // Per partition, the last offset of a batch redone on taking it
+        // over: the consumer skips up to there.
+        let mut redone_through: BTreeMap<i32, i64> = BTreeMap::new();
         loop {
-            let Some(batch) = self.collect(&mut shutdown).await else {
-                return;
+            let Some(mut batch) = self.collect(&mut shutdown).await else {
+                break;
             };
             if self.consumer.context().take_revoked() {
                 self.governance.forget_all();
+                // Events of partitions another instance owns now are its
+                // to write: nothing of them was recorded or written yet.
+                if let Ok(assigned) = self.consumer.assignment() {
+                    let owned: std::collections::HashSet<i32> = assigned
+                        .elements_for_topic(&self.topic)
+                        .iter()
+                        .map(|e| e.partition())
+                        .collect();
+                    batch.retain(|p, _| owned.contains(&p));
+                }
+            }
+            let assigned = self.consumer.context().take_assigned();
+            if assigned {
+                match self.redo_unfinished(&mut shutdown, &mut flushes).await {
+                    Some(through) => redone_through.extend(through),
+                    None => break,
+                }
+            }
+            if !redone_through.is_empty() {
+                batch.retain(|p, o| redone_through.get(&p).is_none_or(|t| o > *t));
             }
             if !batch.events.is_empty() {
-                let Some(report) = self.write(&batch.events, &mut shutdown).await else {
-                    return;
-                };
-                flushes += 1;
-                if self.faults.crash_after_flush == Some(flushes) {
-                    tracing::error!(
-                        "crash-after-flush fault injection: aborting before the offset commit"
-                    );
-                    std::process::abort();
-                }
-                if !self.govern(&batch.events, &report, &mut shutdown).await {
-                    return;
-                }
-                if let Some(pause) = self.faults.pause_before_erasure_check {
-                    tokio::time::sleep(pause).await;
-                }
+                let recorded = RecordedBatch::new(batch.ledger_ranges());
                 if !self
-                    .settle_erasures(&batch.events, &report, &mut shutdown)
+                    .record(&recorded, last_done.as_ref(), &mut shutdown)
                     .await
                 {
-                    return;
+                    break;
                 }
+                if !self
+                    .process(&recorded, &batch.events, None, &mut shutdown, &mut flushes)
+                    .await
+                {
+                    break;
+                }
+                last_done = Some(recorded);
             }
             let mut plan_changes = batch.plan_changes;
-            if self.consumer.context().take_assigned() {
+            if assigned {
                 plan_changes.extend(self.governance.plans_not_yet_applied());
             }
-            if !plan_changes.is_empty() {
-                let ownership = self.ownership();
-                for install in &plan_changes {
-                    let partition = ownership.as_ref().and_then(|o| o.partition_owned(install));
-                    // A plan change is acted on once every event the
-                    // gateways received before it is counted: live, at
-                    // once; in a replay, only when the replay has caught
-                    // up (before that, the events that arrive after the
-                    // change apply it at its own time, as they did live).
-                    let since = self.governance.plan_changed_at(install);
-                    if let Some(p) = partition.filter(|p| !self.caught_up(*p, since)) {
-                        tracing::debug!(%install, partition = p, "plan change waits for the partition to catch up");
-                        self.governance.retry_plan_change(install);
-                        continue;
-                    }
-                    let owned = partition.is_some();
-                    if let Err(err) = self.governance.on_plan_change(install, owned).await {
-                        tracing::warn!(%err, %install, "re-evaluation after a plan change failed; retrying in 1 s");
-                        self.governance.retry_plan_change(install);
+            self.act_on_plan_changes(plan_changes).await;
+            if !batch.ranges.is_empty() {
+                let offsets = batch
+                    .ranges
+                    .iter()
+                    .map(|(p, (_, last))| (*p, *last))
+                    .collect();
+                self.commit(&offsets);
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        if let Some(done) = last_done {
+            if let Err(err) = self.ledger.done(&done).await {
+                tracing::warn!(%err, "could not mark the last batch done; the next owner redoes it (harmless)");
+            }
+        }
+    }
+
+    /// Records `batch` in the ledger (and `done` as done), retrying until it
+    /// is; false on shutdown.
+    async fn record(
+        &self,
+        batch: &RecordedBatch,
+        done: Option<&RecordedBatch>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.ledger.record(batch, done).await {
+                Ok(()) => return true,
+                Err(err) => {
+                    self.metrics.flush_errors.inc();
+                    tracing::warn!(%err, retry_in = ?delay, "recording the batch in the ledger failed; retrying");
+                    if !back_off(&mut delay, shutdown).await {
+                        return false;
                     }
                 }
             }
-            if !batch.offsets.is_empty() {
-                self.commit(&batch.offsets);
+        }
+    }
+
+    /// Writes, governs and settles one batch: everything but the commit.
+    /// `owned`: for a batch redone on taking over partitions, the
+    /// partitions of the events this instance governs (the others' owners
+    /// govern theirs); `None` for a batch read live, all governed here.
+    async fn process(
+        &mut self,
+        batch: &RecordedBatch,
+        events: &[UsageEvent],
+        owned: Option<&[bool]>,
+        shutdown: &mut watch::Receiver<bool>,
+        flushes: &mut u64,
+    ) -> bool {
+        *flushes += 1;
+        let abort_after_deltas = self.faults.crash_after_deltas == Some(*flushes);
+        let Some(mut report) = self
+            .write(batch, events, abort_after_deltas, shutdown)
+            .await
+        else {
+            return false;
+        };
+        if self.faults.crash_after_flush == Some(*flushes) {
+            tracing::error!("crash-after-flush fault injection: aborting before the offset commit");
+            std::process::abort();
+        }
+        if let Some(owned) = owned {
+            let mine = |i: &usize| owned.get(*i).copied().unwrap_or(false);
+            report.fresh.retain(mine);
+            report.stored.retain(mine);
+        }
+        if !self.govern(events, &report, shutdown).await {
+            return false;
+        }
+        if let Some(pause) = self.faults.pause_before_erasure_check {
+            tokio::time::sleep(pause).await;
+        }
+        self.settle_erasures(events, &report, shutdown).await
+    }
+
+    /// Redoes the ledger's unfinished batches of the partitions just
+    /// assigned, each with exactly its recorded offsets, and returns, per
+    /// partition, the last offset redone. `None` on shutdown.
+    async fn redo_unfinished(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        flushes: &mut u64,
+    ) -> Option<BTreeMap<i32, i64>> {
+        let mut delay = Duration::from_millis(100);
+        let (owned, batches) = loop {
+            match self.unfinished().await {
+                Ok(found) => break found,
+                Err(err) => {
+                    tracing::warn!(%err, retry_in = ?delay, "reading the batch ledger failed; retrying");
+                    if !back_off(&mut delay, shutdown).await {
+                        return None;
+                    }
+                }
             }
-            if *shutdown.borrow() {
-                return;
+        };
+        let mut through = BTreeMap::new();
+        for batch in batches {
+            tracing::info!(batch = %batch.id, ranges = ?batch.ranges, "redoing an unfinished batch with its recorded offsets");
+            let mut delay = Duration::from_millis(100);
+            let read = loop {
+                let reader = self.kafka.clone();
+                let topic = self.topic.clone();
+                let ranges = batch.ranges.clone();
+                let fetched =
+                    tokio::task::spawn_blocking(move || read_ranges(&reader, &topic, &ranges))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r);
+                match fetched {
+                    Ok(read) => break read,
+                    Err(err) => {
+                        tracing::warn!(%err, retry_in = ?delay, "reading a batch to redo failed; retrying");
+                        if !back_off(&mut delay, shutdown).await {
+                            return None;
+                        }
+                    }
+                }
+            };
+            let mine: Vec<bool> = read.iter().map(|(p, _)| owned.contains(p)).collect();
+            let events: Vec<UsageEvent> = read.into_iter().map(|(_, e)| e).collect();
+            self.metrics.redone_batches.inc();
+            if !events.is_empty()
+                && !self
+                    .process(&batch, &events, Some(&mine), shutdown, flushes)
+                    .await
+            {
+                return None;
+            }
+            if let Err(err) = self.ledger.done(&batch).await {
+                tracing::warn!(%err, "could not mark a redone batch done; the next owner redoes it (harmless)");
+            }
+            for r in batch.ranges.iter().filter(|r| owned.contains(&r.partition)) {
+                let t = through.entry(r.partition).or_insert(r.last);
+                *t = (*t).max(r.last);
+            }
+        }
+        if !through.is_empty() {
+            // Committed at once: the consumer's position may already be past
+            // them, and nothing else commits a partition with no new event.
+            self.commit(&through);
+        }
+        Some(through)
+    }
+
+    /// The partitions owned now, and the ledger's unfinished batches in them.
+    async fn unfinished(
+        &self,
+    ) -> Result<(std::collections::HashSet<i32>, Vec<RecordedBatch>), String> {
+        let assigned = self.consumer.assignment().map_err(|e| e.to_string())?;
+        let owned: std::collections::HashSet<i32> = assigned
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        if owned.is_empty() {
+            return Ok((owned, Vec::new()));
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(assigned, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let next: BTreeMap<i32, i64> = committed
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => (e.partition(), o),
+                _ => (e.partition(), 0),
+            })
+            .collect();
+        let batches = self
+            .ledger
+            .unfinished(&next)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((owned, batches))
+    }
+
+    /// Re-evaluates installations whose plan changed (a failure is retried
+    /// in a second, through the registry follower).
+    async fn act_on_plan_changes(&mut self, plan_changes: Vec<String>) {
+        if plan_changes.is_empty() {
+            return;
+        }
+        let ownership = self.ownership();
+        for install in &plan_changes {
+            let partition = ownership.as_ref().and_then(|o| o.partition_owned(install));
+            // A plan change is acted on once every event the gateways
+            // received before it is counted: live, at once; in a replay,
+            // only when the replay has caught up (before that, the events
+            // that arrive after the change apply it at its own time, as
+            // they did live).
+            let since = self.governance.plan_changed_at(install);
+            if let Some(p) = partition.filter(|p| !self.caught_up(*p, since)) {
+                tracing::debug!(%install, partition = p, "plan change waits for the partition to catch up");
+                self.governance.retry_plan_change(install);
+                continue;
+            }
+            let owned = partition.is_some();
+            if let Err(err) = self.governance.on_plan_change(install, owned).await {
+                tracing::warn!(%err, %install, "re-evaluation after a plan change failed; retrying in 1 s");
+                self.governance.retry_plan_change(install);
             }
         }
     }
@@ -347,9 +639,7 @@ impl EventsConsumer {
     /// The next batch: up to `max_events`, or what arrived within `max_wait`
     /// of its first message. `None` on shutdown with nothing in hand.
     async fn collect(&mut self, shutdown: &mut watch::Receiver<bool>) -> Option<Collected> {
-        let mut events = Vec::new();
-        let mut offsets = BTreeMap::new();
-        let mut plan_changes = Vec::new();
+        let mut batch = Collected::default();
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut assignment_check = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -361,11 +651,11 @@ impl EventsConsumer {
             };
             tokio::select! {
                 _ = shutdown.changed() => {
-                    return if offsets.is_empty() { None } else { Some(Collected { events, offsets, plan_changes }) };
+                    return if batch.ranges.is_empty() && batch.plan_changes.is_empty() { None } else { Some(batch) };
                 }
-                _ = timer => return Some(Collected { events, offsets, plan_changes }),
+                _ = timer => return Some(batch),
                 Some(install) = self.plan_changes.recv() => {
-                    plan_changes.push(install);
+                    batch.plan_changes.push(install);
                     // Act on it soon even if no event comes (a blocked site sends none).
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.limits.max_wait);
                 }
@@ -386,19 +676,20 @@ impl EventsConsumer {
                             continue;
                         }
                     };
-                    offsets.insert(msg.partition(), msg.offset());
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.limits.max_wait);
-                    match msg.payload().map(UsageEvent::from_wire) {
-                        Some(Ok(event)) => events.push(event),
+                    let event = match msg.payload().map(UsageEvent::from_wire) {
+                        Some(Ok(event)) => Some(event),
                         Some(Err(err)) => {
                             self.metrics.undecodable.inc();
                             tracing::error!(partition = msg.partition(), offset = msg.offset(), %err, "undecodable event skipped");
+                            None
                         }
-                        None => {}
-                    }
+                        None => None,
+                    };
+                    batch.add(msg.partition(), msg.offset(), event);
                     self.metrics.consumed.inc();
-                    if events.len() >= self.limits.max_events {
-                        return Some(Collected { events, offsets, plan_changes });
+                    if batch.events.len() >= self.limits.max_events {
+                        return Some(batch);
                     }
                 }
             }
@@ -409,7 +700,9 @@ impl EventsConsumer {
     /// shutdown came first (the batch stays uncommitted).
     async fn write(
         &self,
+        batch: &RecordedBatch,
         events: &[UsageEvent],
+        abort_after_deltas: bool,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<FlushReport> {
         let mut delay = Duration::from_millis(100);
@@ -420,7 +713,15 @@ impl EventsConsumer {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             let timer = self.metrics.flush_seconds.start_timer();
-            match rollup::flush(&self.clickhouse, events, &prices).await {
+            match rollup::flush(
+                &self.clickhouse,
+                &batch.id,
+                events,
+                &prices,
+                abort_after_deltas,
+            )
+            .await
+            {
                 Ok(report) => {
                     timer.observe_duration();
                     self.metrics.inserted.inc_by(report.inserted as u64);
@@ -462,4 +763,61 @@ impl EventsConsumer {
             tracing::warn!(%err, "offset commit failed; the batch will be re-read and recomputed");
         }
     }
+}
+
+/// Reads exactly these offsets of `topic` (a batch to redo): each
+/// partition's events in offset order, partitions in the order given.
+/// Blocking: run it off the async threads.
+fn read_ranges(
+    config: &rdkafka::ClientConfig,
+    topic: &str,
+    ranges: &[Range],
+) -> Result<Vec<(i32, UsageEvent)>, String> {
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = config
+        .clone()
+        .set("group.id", "usage-processors-redo")
+        .set("enable.auto.commit", "false")
+        // Offsets gone by retention: read from the oldest left.
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(|e| format!("redo reader: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for r in ranges {
+        tpl.add_partition_offset(topic, r.partition, Offset::Offset(r.first))
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    let mut left: BTreeMap<i32, i64> = ranges.iter().map(|r| (r.partition, r.last)).collect();
+    let mut read: BTreeMap<i32, Vec<UsageEvent>> = BTreeMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !left.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("timed out reading partitions {:?}", left.keys()));
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let msg = msg.map_err(|e| e.to_string())?;
+        let (partition, offset) = (msg.partition(), msg.offset());
+        let Some(last) = left.get(&partition).copied() else {
+            continue;
+        };
+        if offset <= last {
+            match msg.payload().map(UsageEvent::from_wire) {
+                Some(Ok(event)) => read.entry(partition).or_default().push(event),
+                Some(Err(err)) => {
+                    tracing::error!(partition, offset, %err, "undecodable event skipped")
+                }
+                None => {}
+            }
+        }
+        if offset >= last {
+            left.remove(&partition);
+        }
+    }
+    Ok(read
+        .into_iter()
+        .flat_map(|(p, events)| events.into_iter().map(move |e| (p, e)))
+        .collect())
 }

@@ -8,6 +8,7 @@ pub mod consumer;
 pub mod error;
 pub mod governance;
 pub mod installations;
+pub mod ledger;
 pub mod metrics;
 pub mod pricing;
 pub mod rollup;
@@ -58,6 +59,8 @@ fn consumer<C: rdkafka::consumer::ConsumerContext + 'static>(
         .set("fetch.wait.max.ms", "50")
         // Prefetch at most ~16 MiB: enough for full batches, bounded RSS.
         .set("queued.max.messages.kbytes", "16384")
+        // Per-partition consumer lag for the metrics (`RebalanceWatch`).
+        .set("statistics.interval.ms", "1000")
         .create_with_context(context)
         .map_err(|e| ProcessorError::Startup(format!("Kafka consumer: {e}")))?;
     consumer
@@ -168,7 +171,10 @@ impl Service for Processors {
                 &config,
                 &config.group,
                 &config.kafka.events_topic,
-                consumer::RebalanceWatch::default(),
+                consumer::RebalanceWatch::with_lag(
+                    &config.kafka.events_topic,
+                    processor_metrics.consumer_lag.clone(),
+                ),
             )?,
             topic: config.kafka.events_topic.clone(),
             clickhouse: clickhouse.clone(),
@@ -180,12 +186,19 @@ impl Service for Processors {
             metrics: processor_metrics,
             faults: FaultInjection {
                 crash_after_flush: config.crash_after_flush,
+                crash_after_deltas: config.crash_after_deltas,
                 pause_before_erasure_check: config
                     .pause_before_erasure_check_ms
                     .map(Duration::from_millis),
             },
             governance: engine,
             plan_changes,
+            ledger: ledger::Ledger {
+                client: clickhouse.clone(),
+                topic: config.kafka.events_topic.clone(),
+                group: config.group.clone(),
+            },
+            kafka: config.kafka.client_config(),
         };
         let mut events_shutdown = shutdown_rx.clone();
         let events_task = tokio::spawn(async move {

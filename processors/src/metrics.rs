@@ -1,6 +1,6 @@
 //! The processors' Prometheus metrics.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts};
 use usage_service_kit::Metrics;
 
 #[derive(Clone)]
@@ -15,6 +15,11 @@ pub struct ProcessorMetrics {
     pub flush_seconds: Histogram,
     /// Partitions of the events topic this instance owns right now.
     pub assigned_partitions: IntGauge,
+    /// Batches redone with their recorded offsets on taking partitions over.
+    pub redone_batches: IntCounter,
+    /// Per owned partition: messages not yet committed (librdkafka's
+    /// statistics, refreshed every second).
+    pub consumer_lag: IntGaugeVec,
     pub governance: crate::governance::engine::GovernanceMetrics,
 }
 
@@ -38,7 +43,7 @@ impl ProcessorMetrics {
         let flush_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "processor_flush_seconds",
-                "time to write one batch and recompute its rollups",
+                "time to write one batch: stored ids, rollup deltas, raw events",
             )
             .buckets(vec![
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -52,7 +57,22 @@ impl ProcessorMetrics {
         )
         .expect("static metric definition");
         metrics.register(Box::new(assigned_partitions.clone()));
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "processor_consumer_lag",
+                "events-topic messages after the committed offset, per owned partition",
+            ),
+            &["partition"],
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(consumer_lag.clone()));
         Self {
+            redone_batches: counter(
+                metrics,
+                "processor_batches_redone_total",
+                "unfinished batches redone with their recorded offsets on taking partitions over",
+            ),
+            consumer_lag,
             consumed: counter(
                 metrics,
                 "processor_messages_consumed_total",

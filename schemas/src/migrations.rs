@@ -61,6 +61,10 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(9, "0009_usage_install_daily"),
     migration!(10, "0010_usage_daily_small_granules"),
     migration!(11, "0011_over_limit_and_billing_month"),
+    migration!(12, "0012_usage_daily_summing"),
+    migration!(13, "0013_usage_install_daily_summing"),
+    migration!(14, "0014_usage_monthly_summing"),
+    migration!(15, "0015_processor_batches"),
 ];
 
 impl Migration {

@@ -110,6 +110,23 @@ impl ProcessorProcess {
     pub async fn partitions(&self) -> u64 {
         self.metric("usage_processor_assigned_partitions").await
     }
+
+    /// `usage_processor_consumer_lag` per partition, as exported now.
+    pub async fn lag(&self) -> std::collections::BTreeMap<u32, i64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.port);
+        let Ok(r) = crate::http().get(url).send().await else {
+            return Default::default();
+        };
+        let text = r.text().await.unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("usage_processor_consumer_lag{partition=\""))
+            .filter_map(|l| {
+                let (partition, rest) = l.split_once('"')?;
+                let value = rest.rsplit(' ').next()?;
+                Some((partition.parse().ok()?, value.parse().ok()?))
+            })
+            .collect()
+    }
 }
 
 fn repo_root() -> PathBuf {

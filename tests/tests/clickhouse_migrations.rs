@@ -358,7 +358,9 @@ async fn the_rebuild_refuses_to_swap_when_usage_daily_was_written_during_the_cop
         with_late_row[1].contains(",5,10,2,12,"),
         "{with_late_row:?}"
     );
-    migrate(&ch.server_client(), &ch.database).await.unwrap();
+    migrate_through(&ch.server_client(), &ch.database, &MIGRATIONS[..10])
+        .await
+        .unwrap();
     assert_eq!(daily_rows(&client).await, with_late_row);
     assert_rebuilt(&client).await;
     drop_database(&ch).await;
@@ -478,5 +480,86 @@ async fn the_rebuild_refuses_to_start_or_swap_while_an_insert_into_usage_daily_r
             .unwrap();
         let _ = insert.await;
     }
+    drop_database(&ch).await;
+}
+
+/// Migrations 12-14 turn the three rollups into SummingMergeTree tables of
+/// deltas: each key keeps the value of its newest recompute (not the sum of
+/// its versions), and what is inserted afterwards adds to it.
+#[tokio::test]
+async fn rollups_become_summing_tables_keeping_the_newest_recompute() {
+    let (ch, _) = daily_rollups_at_version_9().await;
+    let client = ch.client();
+    let report = migrate_through(&ch.server_client(), &ch.database, &MIGRATIONS[..11])
+        .await
+        .unwrap();
+    assert_eq!(report.applied, [10, 11]);
+    // The other two rollups as the recomputes left them: two versions of
+    // one key each.
+    for sql in [
+        "INSERT INTO usage_install_daily (date, install_id, requests, version) VALUES (today() - 1, 'inst_a', 5, 1), (today() - 1, 'inst_a', 7, 2)",
+        "INSERT INTO usage_monthly (install_id, month, user_hash, source, model, account_id, requests, version)
+         VALUES ('inst_a', toStartOfMonth(today()), 'u1', 'inline', 'gpt-4o-mini', 'acc', 5, 1),
+                ('inst_a', toStartOfMonth(today()), 'u1', 'inline', 'gpt-4o-mini', 'acc', 8, 2)",
+    ] {
+        client.query(sql).execute().await.unwrap();
+    }
+
+    let report = migrate_through(&ch.server_client(), &ch.database, MIGRATIONS)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.applied,
+        (12..=MIGRATIONS.len() as u32).collect::<Vec<_>>()
+    );
+    for table in ["usage_daily", "usage_install_daily", "usage_monthly"] {
+        let create = show_create(&client, table).await;
+        assert!(create.contains("SummingMergeTree"), "{create}");
+        assert!(
+            create.contains("non_replicated_deduplication_window = 100000"),
+            "{create}"
+        );
+        assert!(!create.contains("version"), "{create}");
+    }
+    let requests = |sql: &'static str| {
+        let client = client.clone();
+        async move { client.query(sql).fetch_one::<u64>().await.unwrap() }
+    };
+    let daily_a = "SELECT sum(requests) FROM usage_daily FINAL WHERE install_id = 'inst_a'";
+    let install_daily =
+        "SELECT sum(requests) FROM usage_install_daily FINAL WHERE install_id = 'inst_a'";
+    let monthly = "SELECT sum(requests) FROM usage_monthly FINAL WHERE install_id = 'inst_a'";
+    // inst_a: day 1 recomputed to 4 (not 3 + 4), day 2 holds 1.
+    assert_eq!(requests(daily_a).await, 5);
+    assert_eq!(requests(install_daily).await, 7);
+    assert_eq!(requests(monthly).await, 8);
+
+    // A delta adds to the key; the same delta under the same token adds once.
+    for _ in 0..2 {
+        client
+            .query(
+                "INSERT INTO usage_install_daily (date, install_id, requests) VALUES (today() - 1, 'inst_a', 3)",
+            )
+            .with_setting("insert_deduplication_token", "batch-1/usage_install_daily/1")
+            .execute()
+            .await
+            .unwrap();
+    }
+    assert_eq!(requests(install_daily).await, 10);
+    client
+        .query("OPTIMIZE TABLE usage_install_daily FINAL")
+        .execute()
+        .await
+        .unwrap();
+    let rows: u64 = client
+        .query("SELECT count() FROM usage_install_daily WHERE install_id = 'inst_a'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(
+        (rows, requests(install_daily).await),
+        (1, 10),
+        "merged into one row"
+    );
     drop_database(&ch).await;
 }

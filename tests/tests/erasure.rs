@@ -185,8 +185,8 @@ async fn a_batch_written_during_an_erasure_deletes_its_own_rows() {
     let write_day = |install: &str| {
         let sql = format!(
             "INSERT INTO usage_daily (install_id, date, user_hash, source, model, account_id, requests,
-                 prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
-             VALUES ('{install}', today(), 'u1', 'inline', 'gpt-4o-mini', 'acc', 3, 30, 6, 36, 0.01, 1)"
+                 prompt_tokens, completion_tokens, total_tokens, cost_usd)
+             VALUES ('{install}', today(), 'u1', 'inline', 'gpt-4o-mini', 'acc', 3, 30, 6, 36, 0.01)"
         );
         let client = client.clone();
         async move { client.query(&sql).execute().await.unwrap() }
@@ -360,7 +360,9 @@ async fn a_redelivered_batch_deletes_what_an_earlier_attempt_wrote_after_an_eras
         event(3, "inst_kept"),
     ];
     let prices = PriceTable::from_rows(Vec::new());
-    let first = flush(&client, &batch, &prices).await.unwrap();
+    let first = flush(&client, "erasure-test-batch", &batch, &prices, false)
+        .await
+        .unwrap();
     assert_eq!(first.inserted, 3);
 
     // The erasure is recorded (its deletes already ran) before the batch is
@@ -371,7 +373,9 @@ async fn a_redelivered_batch_deletes_what_an_earlier_attempt_wrote_after_an_eras
         .execute()
         .await
         .unwrap();
-    let again = flush(&client, &batch, &prices).await.unwrap();
+    let again = flush(&client, "erasure-test-batch", &batch, &prices, false)
+        .await
+        .unwrap();
     assert_eq!((again.erased, again.erased_after_earlier_attempt), (2, 1));
 
     for table in TABLES {

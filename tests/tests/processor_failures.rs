@@ -1,6 +1,8 @@
 //! The processors under real failures: killed between the ClickHouse write
-//! and the offset commit, killed at random mid-stream, and one of two
-//! instances killed while the survivor takes over. Every number stays exact.
+//! and the offset commit, killed between the rollup deltas and the raw
+//! events and restarted with other batch sizes, killed at random
+//! mid-stream, and one of two instances killed while the survivor takes
+//! over. Every number stays exact.
 
 use std::time::Duration;
 
@@ -115,6 +117,56 @@ async fn killed_between_clickhouse_write_and_offset_commit_counts_nothing_twice(
     // The replacement re-reads that batch (uncommitted) and everything after.
     let replacement = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &[]);
     wait_exact(&p, &site, expected).await;
+    replacement.kill().await;
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn killed_between_rollup_deltas_and_raw_events_and_restarted_with_other_batches_counts_once()
+{
+    let p = Pipeline::start(false).await;
+    let site = Site::new(3);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    let expected = send_batches(&p, &site, 3, 10, 50).await;
+    let group = unique("group");
+
+    // The first batch (100 events) adds its deltas to the rollups, then the
+    // processor dies before storing the raw events or committing.
+    ProcessorProcess::run_until_fault(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "100", "--crash-after-deltas", "1"],
+    )
+    .await;
+    let [_, raw, rollup] = totals(&p, &site).await;
+    assert_eq!(raw.0, 0, "no raw event was stored before the crash");
+    assert_eq!(rollup.0, 100, "the first batch's deltas were written");
+
+    // A replacement cutting batches of 7 must redo the recorded batch of 100
+    // as it was (same offsets, same tokens: its deltas are dropped as
+    // copies), store its raw events, and only then read on.
+    let replacement = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "7"],
+    );
+    wait_exact(&p, &site, expected).await;
+    assert!(
+        replacement
+            .metric("usage_processor_batches_redone_total")
+            .await
+            >= 1
+    );
+    // Drained: every owned partition's lag is exported, and is zero.
+    eventually("zero consumer lag", Duration::from_secs(30), || async {
+        let lag = replacement.lag().await;
+        (!lag.is_empty() && lag.values().all(|l| *l == 0)).then_some(())
+    })
+    .await;
     replacement.kill().await;
     p.stop().await;
 }

@@ -158,9 +158,9 @@ async fn generate(
         }
         bind(ch.query(&format!(
             "INSERT INTO usage_daily (install_id, date, user_hash, source, model, account_id, requests,
-                 prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
+                 prompt_tokens, completion_tokens, total_tokens, cost_usd)
              SELECT install_id, toDate(created_at) AS day, user_hash, source, model, any(account_id), count(),
-                    sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd), 1
+                    sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd)
              FROM ({}) GROUP BY install_id, day, user_hash, source, model",
             events_sql()
         )))
@@ -175,9 +175,9 @@ async fn generate(
     }
     ch.query(
         "INSERT INTO usage_monthly (install_id, month, user_hash, source, model, account_id, requests,
-             prompt_tokens, completion_tokens, total_tokens, cost_usd, version)
+             prompt_tokens, completion_tokens, total_tokens, cost_usd)
          SELECT install_id, toStartOfMonth(date) AS month, user_hash, source, model, any(account_id),
-                sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd), 1
+                sum(requests), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens), sum(cost_usd)
          FROM usage_daily GROUP BY install_id, month, user_hash, source, model",
     )
     .with_setting("max_bytes_before_external_group_by", "2000000000")
@@ -185,9 +185,9 @@ async fn generate(
     .await?;
     ch.query(
         "INSERT INTO usage_install_daily (date, install_id, requests, prompt_tokens, completion_tokens,
-             total_tokens, cost_usd, version)
+             total_tokens, cost_usd)
          SELECT date, install_id, sum(requests), sum(prompt_tokens), sum(completion_tokens),
-                sum(total_tokens), sum(cost_usd), 1
+                sum(total_tokens), sum(cost_usd)
          FROM usage_daily GROUP BY install_id, date",
     )
     .with_setting("max_bytes_before_external_group_by", "2000000000")

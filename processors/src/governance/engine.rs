@@ -29,14 +29,17 @@
 //!   installation has been idle for `idle_after`: memory holds the active
 //!   installations only.
 //! - The monthly cap uses the exact monthly rollup, summed by billing
-//!   month: the count after the batch, minus the batch's own events, plus
-//!   one per event as they are evaluated in order.
+//!   month, read once when the installation is rebuilt (minus the batch's
+//!   own events), then kept in memory: plus one per event as they are
+//!   evaluated in order. Every event of an installation in memory passes
+//!   through this engine exactly once (first-seen or recovered), so the
+//!   count stays the rollup's.
 //! - Decisions go to the `governance_decisions` table, then to the
 //!   decisions topic, then the states that changed to the compacted
 //!   governance topic, all before the batch's offsets are committed (why in
 //!   that order: `publish`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,6 +137,12 @@ pub struct EngineSetup {
 struct Held {
     state: Installation,
     touched: Instant,
+    /// Generations stored per billing month (`YYYY-MM`), this batch's
+    /// governed events aside until they are counted: loaded on rebuild for
+    /// every month from `months_from` on, then kept by counting (so a batch
+    /// reads no monthly total back from ClickHouse).
+    months: HashMap<String, u64>,
+    months_from: String,
 }
 
 /// The events of a batch governance counts (`Engine::to_govern`).
@@ -469,7 +478,7 @@ impl Engine {
         // the published one when it is this timeline's, else derived from
         // ClickHouse alone (a replay into an empty database starts from
         // nothing, exactly as the original run did).
-        let mut before_batch: BTreeMap<(String, String), u64> = BTreeMap::new();
+        let mut before_batch: BTreeSet<(String, String)> = BTreeSet::new();
         for (id, state) in &mut rebuilt {
             if let Some(s) = published.get(id).filter(|_| continued.contains(id)) {
                 state.last = Some(s.clone());
@@ -478,16 +487,25 @@ impl Engine {
             let Some((month, _)) = latest.get(id) else {
                 continue;
             };
-            let in_batch = batch
-                .get(id.as_str())
-                .into_iter()
-                .flatten()
-                .filter(|i| &i.month == month)
-                .count() as u64;
-            before_batch.insert((id.clone(), month.clone()), in_batch);
+            before_batch.insert((id.clone(), month.clone()));
         }
-        let totals = self.monthly(&before_batch).await?;
-        for ((id, month), in_batch) in &before_batch {
+        // Events reach at most a few months back (the gateway refuses
+        // events older than 80 days) and bill to the month they arrive in.
+        let months_from = periods::month_key(
+            periods::month_start(since.min(chrono::Utc::now().timestamp_millis()))
+                .checked_sub_months(chrono::Months::new(3))
+                .unwrap_or_default(),
+        );
+        let mut totals = self.months_since(new, &months_from).await?;
+        // This batch's events are counted by the caller, as they are evaluated.
+        for (id, items) in batch {
+            for i in items {
+                if let Some(n) = totals.get_mut(&(id.to_string(), i.month.clone())) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+        for (id, month) in &before_batch {
             let at = rebuilt
                 .get(id)
                 .map_or(i64::MIN, |s| s.windows.max_event_time);
@@ -497,8 +515,7 @@ impl Engine {
                 let used = totals
                     .get(&(id.clone(), month.clone()))
                     .copied()
-                    .unwrap_or_default()
-                    .saturating_sub(*in_batch);
+                    .unwrap_or_default();
                 // Its decisions were made (and published) when it happened.
                 let _ = state.evaluate(
                     Counted {
@@ -514,13 +531,20 @@ impl Engine {
                 );
             }
         }
+        let mut months: HashMap<String, HashMap<String, u64>> = HashMap::new();
+        for ((id, month), n) in totals {
+            months.entry(id).or_default().insert(month, n);
+        }
         let now = Instant::now();
         for (id, state) in rebuilt {
+            let months = months.remove(&id).unwrap_or_default();
             self.installs.insert(
                 id,
                 Held {
                     state,
                     touched: now,
+                    months,
+                    months_from: months_from.clone(),
                 },
             );
         }
@@ -581,6 +605,31 @@ impl Engine {
             );
         }
         Ok(totals)
+    }
+
+    /// Generations per (install_id, billing month `YYYY-MM`) of these
+    /// installations, for every billing month from `from` (`YYYY-MM`) on.
+    async fn months_since(
+        &self,
+        ids: &[String],
+        from: &str,
+    ) -> Result<HashMap<(String, String), u64>, EngineError> {
+        let rows: Vec<(String, String, u64)> = self
+            .setup
+            .clickhouse
+            .query(
+                "SELECT install_id,
+                        formatDateTime(if(late_billing_month = toDate(0), month, late_billing_month), '%Y-%m') AS billed,
+                        sum(requests)
+                 FROM usage_monthly FINAL
+                 WHERE install_id IN {ids:Array(String)} AND month >= {from:Date}
+                 GROUP BY install_id, billed",
+            )
+            .param("ids", ids)
+            .param("from", month_date(from).to_string())
+            .fetch_all()
+            .await?;
+        Ok(rows.into_iter().map(|(i, m, n)| ((i, m), n)).collect())
     }
 
     /// The events of a batch governance must count: the fresh ones, and
@@ -718,7 +767,28 @@ impl Engine {
             earliest - self.setup.windows.long.length_ms() - self.setup.windows.lateness_ms();
         self.rebuild(&installs, &by_install, since, &governed.recovered_from)
             .await?;
-        let totals = self.monthly(&batch_months).await?;
+        // Monthly counts come from memory; a month before what the rebuild
+        // loaded (rare: an event billed months back) is read from ClickHouse.
+        let mut base: HashMap<(String, String), u64> = HashMap::new();
+        let mut unknown: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for (key, n) in &batch_months {
+            let (install, month) = key;
+            match self.installs.get(install.as_str()) {
+                Some(held) if *month >= held.months_from => {
+                    base.insert(key.clone(), held.months.get(month).copied().unwrap_or(0));
+                }
+                _ => {
+                    unknown.insert(key.clone(), *n);
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            let totals = self.monthly(&unknown).await?;
+            for (key, n) in &unknown {
+                let total = totals.get(key).copied().unwrap_or_default();
+                base.insert(key.clone(), total.saturating_sub(*n));
+            }
+        }
 
         let mut counted: HashMap<(String, String), u64> = HashMap::new();
         let mut changed: Vec<GovernanceState> = Vec::new();
@@ -766,8 +836,7 @@ impl Engine {
                 let key = (install.to_string(), item.month.clone());
                 let k = counted.entry(key.clone()).or_default();
                 *k += 1;
-                let total = totals.get(&key).copied().unwrap_or_default();
-                let used = total.saturating_sub(batch_months[&key]) + *k;
+                let used = base.get(&key).copied().unwrap_or_default() + *k;
                 // The plan in force when it arrived (never one older than
                 // a change already acted on).
                 let plan_time = e
@@ -796,6 +865,16 @@ impl Engine {
                 if !self.setup.published.holds(last) {
                     changed.push(last.clone());
                 }
+            }
+        }
+        for ((install, month), k) in &counted {
+            if let Some(held) = self.installs.get_mut(install.as_str()) {
+                let n = base
+                    .get(&(install.clone(), month.clone()))
+                    .copied()
+                    .unwrap_or(0)
+                    + k;
+                held.months.insert(month.clone(), n);
             }
         }
         let counted: HashSet<&str> = by_install.keys().copied().collect();

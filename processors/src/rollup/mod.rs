@@ -1,26 +1,32 @@
-//! Writing a batch of events to ClickHouse so every aggregate counts each
-//! event exactly once, whatever Kafka redelivers or ops replay.
+//! How ClickHouse stays exact: raw events deduplicated, rollups added to
+//! exactly once per event, whatever fails, is retried or is read again.
 //!
-//! The mechanism, and the failures it covers:
-//! 1. Raw events are keyed (install_id, created day, event_id) in a
-//!    ReplacingMergeTree, and before inserting, the batch drops event_ids
-//!    already stored for its installations (first write wins). A plugin
-//!    retry, a gateway retry or a Kafka redelivery of a stored event adds no
-//!    row; a crash between insert and offset commit re-reads the batch and
-//!    finds its events stored. Two writers racing on the same event (a
-//!    rebalance) insert identical keys, which ReplacingMergeTree collapses and
-//!    every reader below reads with FINAL.
-//! 2. Rollups are never incremented. For every (install_id, day) the batch
-//!    touches, stored or not, the daily rows are recomputed from the raw
-//!    events (FINAL) and inserted with a higher version; then the same, from
-//!    the daily rows, for the (install_id, day) rows of `usage_install_daily`
-//!    and the (install_id, month) rows of `usage_monthly`. A rollup row is
-//!    thus a pure function of the deduplicated raw events: a crash anywhere between
-//!    the steps is repaired by the redelivered batch, and replaying the topic
-//!    from any offset recomputes the same numbers instead of adding to them.
-//! 3. Offsets are committed only after all of this returned (`consumer`), so
+//! 1. Deduplication: an event is stored once per (install_id, event_id). The
+//!    batch's first copy of each id wins; ids already in `usage_events` are
+//!    duplicates (a plugin's resend, a gateway retry, a redelivery). What is
+//!    left is the batch's *first-seen* events.
+//! 2. Rollups by delta: the first-seen events are priced and summed per key of
+//!    `usage_daily`, `usage_install_daily` and `usage_monthly` ([`deltas`]),
+//!    and the sums are inserted into those SummingMergeTree tables, which add
+//!    them to what the keys held. Each insert covers one table partition and
+//!    carries an `insert_deduplication_token` made of the batch's id (from the
+//!    batch ledger, `crate::ledger`), the table and the partition: ClickHouse
+//!    drops an insert whose token it has seen, so writing the same batch
+//!    twice adds once.
+//! 3. The order makes every attempt at a batch write the same deltas: the
+//!    stored ids are read first, the deltas are written next, and the raw
+//!    events last, only once every delta insert succeeded. So until the raw
+//!    events of a batch are visible, any attempt finds the same first-seen
+//!    events and computes the same deltas under the same tokens; once they
+//!    are visible, every delta insert of the batch has succeeded, and a later
+//!    attempt's (smaller) deltas carry tokens already seen and are dropped.
+//!    An attempt is the same batch only if it covers exactly the same
+//!    offsets: the ledger records them before the first write, and a
+//!    processor taking over partitions redoes the unfinished batches with
+//!    them before it reads on (`consumer`).
+//! 4. Offsets are committed only after all of this returned (`consumer`), so
 //!    nothing is lost when ClickHouse or the processor fails mid-way.
-//! 4. Events of an erased installation received before its erasure
+//! 5. Events of an erased installation received before its erasure
 //!    (`erased_installations`) are dropped, so a replay cannot restore them.
 //!    An erasure can also begin while a batch is being written, after the
 //!    batch looked for erasures: its deletes may then run before this
@@ -33,19 +39,23 @@
 //!    between its writes and the second look, the redelivered batch finds
 //!    its events erased but stored, and deletes them then.
 
+pub mod deltas;
+
 use std::collections::{BTreeSet, HashSet};
 
-use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use clickhouse::Client;
+use clickhouse::Row;
+use serde::Serialize;
 use usage_schemas::rows::UsageEventRow;
 use usage_schemas::UsageEvent;
 use usage_service_kit::periods;
 
 use crate::pricing::PriceTable;
 
-/// Event ids per existence query and keys per recompute, so that no query
-/// exceeds ClickHouse's default 256 KiB max_query_size.
-const CHUNK: usize = 2000;
+/// Event ids per existence query: they travel as query parameters in the
+/// URL, which ClickHouse caps (`http_max_uri_size`, 1 MiB).
+const CHUNK: usize = 5000;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FlushReport {
@@ -65,23 +75,8 @@ pub struct FlushReport {
     /// The erasures seen before writing (install_id to erasure time in ms):
     /// the first look, to compare the second with.
     pub erased_before: std::collections::HashMap<String, i64>,
-    pub days_recomputed: usize,
-    pub months_recomputed: usize,
-}
-
-/// Quotes a string for a ClickHouse SQL literal.
-fn quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\'' => out.push_str("\\'"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
+    /// Rows inserted into the three rollup tables (before deduplication).
+    pub rollup_rows: usize,
 }
 
 fn millis(ms: i64) -> DateTime<Utc> {
@@ -90,10 +85,6 @@ fn millis(ms: i64) -> DateTime<Utc> {
 
 pub fn day_of(ms: i64) -> NaiveDate {
     millis(ms).date_naive()
-}
-
-fn month_of(day: NaiveDate) -> NaiveDate {
-    day.with_day(1).unwrap_or(day)
 }
 
 /// The row of `usage_events` for one event, priced.
@@ -139,11 +130,16 @@ pub fn billing_month(e: &UsageEvent) -> NaiveDate {
         .unwrap_or_else(|| periods::month_start(e.created_at))
 }
 
-/// Writes `events` (in topic order) and recomputes every rollup they touch.
+/// Writes `events` (in topic order), the batch recorded as `batch_id` in
+/// the ledger: rollup deltas first, raw events last (module docs, point 3).
+/// `abort_after_deltas` is a test's fault injection, never set in
+/// production.
 pub async fn flush(
     client: &Client,
+    batch_id: &str,
     events: &[UsageEvent],
     prices: &PriceTable,
+    abort_after_deltas: bool,
 ) -> Result<FlushReport, clickhouse::error::Error> {
     let mut report = FlushReport::default();
     if events.is_empty() {
@@ -198,37 +194,70 @@ pub async fn flush(
     report.stored = found.into_iter().map(|(i, _)| i).collect();
     report.fresh = fresh_idx;
 
-    if !fresh.is_empty() {
-        let mut insert = client.insert::<UsageEventRow>("usage_events").await?;
-        for e in &fresh {
-            insert.write(&to_row(e, prices)).await?;
-        }
-        insert.end().await?;
-        report.inserted = fresh.len();
+    let rows: Vec<UsageEventRow> = fresh.iter().map(|e| to_row(e, prices)).collect();
+    let deltas = deltas::deltas(&rows);
+    // Side by side; all three are awaited even if one fails, so that none
+    // is still running when the batch is tried again.
+    let (daily, install_daily, monthly) = tokio::join!(
+        insert_deltas(client, batch_id, "usage_daily", &deltas.daily),
+        insert_deltas(
+            client,
+            batch_id,
+            "usage_install_daily",
+            &deltas.install_daily
+        ),
+        insert_deltas(client, batch_id, "usage_monthly", &deltas.monthly),
+    );
+    report.rollup_rows = daily? + install_daily? + monthly?;
+    if abort_after_deltas {
+        tracing::error!("crash-after-deltas fault injection: aborting before the raw events");
+        std::process::abort();
     }
 
-    let days: BTreeSet<(String, NaiveDate)> = unique
-        .iter()
-        .map(|(_, e)| (e.install_id.clone(), day_of(e.created_at)))
-        .collect();
-    let months: BTreeSet<(String, NaiveDate)> = days
-        .iter()
-        .map(|(i, d)| (i.clone(), month_of(*d)))
-        .collect();
-    recompute(client, RECOMPUTE_DAILY, &days).await?;
-    // Both read only the daily rows: side by side, the batch waits for one.
-    // Both are awaited even if one fails, so that no insert of this batch is
-    // still running once it returns (see point 4).
-    let (install_daily, monthly) = tokio::join!(
-        recompute(client, RECOMPUTE_INSTALL_DAILY, &days),
-        recompute(client, RECOMPUTE_MONTHLY, &months),
-    );
-    install_daily?;
-    monthly?;
-    report.days_recomputed = days.len();
-    report.months_recomputed = months.len();
+    if !rows.is_empty() {
+        let mut insert = client.insert::<UsageEventRow>("usage_events").await?;
+        for row in &rows {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        report.inserted = rows.len();
+    }
     report.erased_before = erased;
     Ok(report)
+}
+
+/// Inserts a batch's rows of one rollup table, one insert per table
+/// partition, each under its deduplication token (module docs, point 2).
+async fn insert_deltas<R>(
+    client: &Client,
+    batch_id: &str,
+    table: &str,
+    parts: &std::collections::BTreeMap<u32, Vec<R>>,
+) -> Result<usize, clickhouse::error::Error>
+where
+    R: Serialize + Send + Sync + for<'r> Row<Value<'r> = R>,
+{
+    let mut rows = 0;
+    for (partition, part) in parts {
+        let token = dedup_token(batch_id, table, *partition);
+        let mut insert = client
+            .insert::<R>(table)
+            .await?
+            .with_setting("insert_deduplicate", "1")
+            .with_setting("insert_deduplication_token", token);
+        for row in part {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        rows += part.len();
+    }
+    Ok(rows)
+}
+
+/// The deduplication token of a batch's insert into one partition of one
+/// rollup table.
+pub fn dedup_token(batch_id: &str, table: &str, partition: u32) -> String {
+    format!("{batch_id}/{table}/{partition}")
 }
 
 /// The latest erasure time (ms) of each of these installations that was
@@ -271,6 +300,7 @@ pub async fn delete_erased_meanwhile<'a>(
     Ok(deleted)
 }
 
+/// The (install_id, event_id) of these events already in `usage_events`.
 async fn stored_ids(
     client: &Client,
     events: &[&UsageEvent],
@@ -278,79 +308,19 @@ async fn stored_ids(
     let mut stored = HashSet::new();
     for chunk in events.chunks(CHUNK) {
         let installs: BTreeSet<&str> = chunk.iter().map(|e| e.install_id.as_str()).collect();
-        let installs: Vec<String> = installs.into_iter().map(quote).collect();
-        let ids: Vec<String> = chunk.iter().map(|e| quote(&e.event_id)).collect();
-        let sql = format!(
-            "SELECT install_id, event_id FROM usage_events WHERE install_id IN ({}) AND event_id IN ({})",
-            installs.join(","),
-            ids.join(",")
-        );
-        let rows: Vec<(String, String)> = client.query(&sql).fetch_all().await?;
+        let ids: BTreeSet<&str> = chunk.iter().map(|e| e.event_id.as_str()).collect();
+        let rows: Vec<(String, String)> = client
+            .query(
+                "SELECT install_id, event_id FROM usage_events
+                 WHERE install_id IN {installs:Array(String)} AND event_id IN {ids:Array(String)}",
+            )
+            .param("installs", installs.into_iter().collect::<Vec<_>>())
+            .param("ids", ids.into_iter().collect::<Vec<_>>())
+            .fetch_all()
+            .await?;
         stored.extend(rows);
     }
     Ok(stored)
-}
-
-fn key_list(keys: &[(String, NaiveDate)]) -> String {
-    keys.iter()
-        .map(|(install, day)| format!("({}, toDate('{day}'))", quote(install)))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Recomputes the daily rows of every (install_id, day) in `days` from the
-/// deduplicated raw events. Events billed to a later month than their own
-/// (they arrived after it closed) get rows of their own (`late_billing_month`,
-/// migration 0011); the others have zero there.
-const RECOMPUTE_DAILY: &str = "INSERT INTO usage_daily
-        (install_id, date, user_hash, source, model, late_billing_month, account_id,
-         requests, prompt_tokens, completion_tokens, total_tokens, cost_usd,
-         over_limit_requests, over_limit_tokens, version)
-     SELECT install_id, toDate(created_at) AS day, user_hash, source, model,
-            if(billing_month = toStartOfMonth(created_at), toDate(0), billing_month) AS late,
-            any(account_id), count(), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
-            sum(cost_usd), countIf(over_limit != ''), sumIf(total_tokens, over_limit != ''),
-            toUnixTimestamp64Nano(now64(9))
-     FROM usage_events FINAL
-     WHERE (install_id, toDate(created_at)) IN ({keys})
-     GROUP BY install_id, day, user_hash, source, model, late";
-
-/// Recomputes the one row of every (install_id, day) in `days` from its
-/// daily rows, just recomputed.
-const RECOMPUTE_INSTALL_DAILY: &str = "INSERT INTO usage_install_daily
-        (date, install_id, requests, prompt_tokens, completion_tokens, total_tokens, cost_usd,
-         over_limit_requests, over_limit_tokens, version)
-     SELECT date, install_id, sum(requests), sum(prompt_tokens), sum(completion_tokens),
-            sum(total_tokens), sum(cost_usd), sum(over_limit_requests), sum(over_limit_tokens),
-            toUnixTimestamp64Nano(now64(9))
-     FROM usage_daily FINAL
-     WHERE (install_id, date) IN ({keys})
-     GROUP BY install_id, date";
-
-/// Recomputes the monthly rows of every (install_id, month) from the daily ones.
-const RECOMPUTE_MONTHLY: &str = "INSERT INTO usage_monthly
-        (install_id, month, user_hash, source, model, late_billing_month, account_id,
-         requests, prompt_tokens, completion_tokens, total_tokens, cost_usd,
-         over_limit_requests, over_limit_tokens, version)
-     SELECT install_id, toStartOfMonth(date) AS m, user_hash, source, model, late_billing_month,
-            any(account_id), sum(requests), sum(prompt_tokens), sum(completion_tokens),
-            sum(total_tokens), sum(cost_usd), sum(over_limit_requests), sum(over_limit_tokens),
-            toUnixTimestamp64Nano(now64(9))
-     FROM usage_daily FINAL
-     WHERE (install_id, toStartOfMonth(date)) IN ({keys})
-     GROUP BY install_id, m, user_hash, source, model, late_billing_month";
-
-async fn recompute(
-    client: &Client,
-    template: &str,
-    keys: &BTreeSet<(String, NaiveDate)>,
-) -> Result<(), clickhouse::error::Error> {
-    let keys: Vec<_> = keys.iter().cloned().collect();
-    for chunk in keys.chunks(CHUNK) {
-        let sql = template.replace("{keys}", &key_list(chunk));
-        client.query(&sql).execute().await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -358,20 +328,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quoting_escapes_quotes_and_backslashes() {
-        assert_eq!(quote("a'b\\c"), "'a\\'b\\\\c'");
-        assert_eq!(quote("evt_00"), "'evt_00'");
-    }
-
-    #[test]
-    fn months_start_on_the_first() {
-        assert_eq!(
-            month_of("2025-11-30".parse().unwrap()),
-            "2025-11-01".parse::<NaiveDate>().unwrap()
-        );
+    fn days_are_utc_days() {
         assert_eq!(
             day_of(1_762_165_800_000),
             "2025-11-03".parse::<NaiveDate>().unwrap()
+        );
+    }
+
+    #[test]
+    fn tokens_name_the_batch_table_and_partition() {
+        assert_eq!(
+            dedup_token("b-1", "usage_daily", 202511),
+            "b-1/usage_daily/202511"
+        );
+        assert_ne!(
+            dedup_token("b-1", "usage_daily", 202511),
+            dedup_token("b-1", "usage_daily", 202512)
         );
     }
 }
