@@ -37,15 +37,22 @@ pub struct Processors {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// `statistics`: librdkafka's statistics every second, for a context that
+/// reads them (the events consumer's lag per partition).
 fn consumer<C: rdkafka::consumer::ConsumerContext + 'static>(
     config: &Config,
     group: &str,
     topic: &str,
     context: C,
+    statistics: bool,
 ) -> Result<StreamConsumer<C>, ProcessorError> {
     let consumer: StreamConsumer<C> = config
         .kafka
         .client_config()
+        .set(
+            "statistics.interval.ms",
+            if statistics { "1000" } else { "0" },
+        )
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -59,8 +66,6 @@ fn consumer<C: rdkafka::consumer::ConsumerContext + 'static>(
         .set("fetch.wait.max.ms", "50")
         // Prefetch at most ~16 MiB: enough for full batches, bounded RSS.
         .set("queued.max.messages.kbytes", "16384")
-        // Per-partition consumer lag for the metrics (`RebalanceWatch`).
-        .set("statistics.interval.ms", "1000")
         .create_with_context(context)
         .map_err(|e| ProcessorError::Startup(format!("Kafka consumer: {e}")))?;
     consumer
@@ -175,6 +180,7 @@ impl Service for Processors {
                     &config.kafka.events_topic,
                     processor_metrics.consumer_lag.clone(),
                 ),
+                true,
             )?,
             topic: config.kafka.events_topic.clone(),
             clickhouse: clickhouse.clone(),
@@ -229,6 +235,7 @@ impl Service for Processors {
                 &format!("{}-installations", config.group),
                 &config.kafka.installations_topic,
                 rdkafka::consumer::DefaultConsumerContext,
+                false,
             )?,
             clickhouse,
             shutdown_rx,

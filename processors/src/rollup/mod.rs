@@ -53,9 +53,12 @@ use usage_service_kit::periods;
 
 use crate::pricing::PriceTable;
 
-/// Event ids per existence query: they travel as query parameters in the
-/// URL, which ClickHouse caps (`http_max_uri_size`, 1 MiB).
-const CHUNK: usize = 5000;
+/// Bytes of event ids per existence query: they travel as a query
+/// parameter, and ClickHouse caps one at 128 KiB (`http_max_field_value_size`).
+const PARAM_BYTES: usize = 100_000;
+
+/// Installation ids per query (under that cap at the contract's id length).
+const INSTALLS_PER_QUERY: usize = 1_000;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FlushReport {
@@ -268,7 +271,7 @@ pub async fn erased_at<'a>(
 ) -> Result<std::collections::HashMap<String, i64>, clickhouse::error::Error> {
     let installs: Vec<&str> = installs.collect::<BTreeSet<_>>().into_iter().collect();
     let mut erased = std::collections::HashMap::new();
-    for chunk in installs.chunks(CHUNK) {
+    for chunk in installs.chunks(INSTALLS_PER_QUERY) {
         let rows: Vec<(String, i64)> = client
             .query(
                 "SELECT install_id, toUnixTimestamp64Milli(max(erased_at)) FROM erased_installations
@@ -300,13 +303,43 @@ pub async fn delete_erased_meanwhile<'a>(
     Ok(deleted)
 }
 
+/// Consecutive runs of `events` whose event ids and installation ids each
+/// stay under `budget` bytes as a parameter (each id counted with room for
+/// its quotes, comma and escapes).
+fn chunks_by_bytes<'a, 'e>(
+    events: &'a [&'e UsageEvent],
+    budget: usize,
+) -> impl Iterator<Item = &'a [&'e UsageEvent]> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= events.len() {
+            return None;
+        }
+        let (mut ids, mut installs) = (0, 0);
+        let mut end = start;
+        while end < events.len() {
+            let e = events[end];
+            let (i, n) = (e.event_id.len() * 2 + 3, e.install_id.len() * 2 + 3);
+            if end > start && (ids + i > budget || installs + n > budget) {
+                break;
+            }
+            ids += i;
+            installs += n;
+            end += 1;
+        }
+        let chunk = &events[start..end];
+        start = end;
+        Some(chunk)
+    })
+}
+
 /// The (install_id, event_id) of these events already in `usage_events`.
 async fn stored_ids(
     client: &Client,
     events: &[&UsageEvent],
 ) -> Result<HashSet<(String, String)>, clickhouse::error::Error> {
     let mut stored = HashSet::new();
-    for chunk in events.chunks(CHUNK) {
+    for chunk in chunks_by_bytes(events, PARAM_BYTES) {
         let installs: BTreeSet<&str> = chunk.iter().map(|e| e.install_id.as_str()).collect();
         let ids: BTreeSet<&str> = chunk.iter().map(|e| e.event_id.as_str()).collect();
         let rows: Vec<(String, String)> = client
