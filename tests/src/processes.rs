@@ -154,8 +154,27 @@ pub fn engine_pid(component: &str) -> i32 {
         .expect("a pid")
 }
 
+/// An engine killed by a test. Dropped before `restart_engines` took it
+/// (the test failed mid-outage), it brings the engines back itself, so one
+/// failing outage test does not fail every test after it.
+#[must_use = "restart the engines with restart_engines(outage)"]
+pub struct Outage {
+    armed: bool,
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::process::Command::new(repo_root().join("stack"))
+                .arg("engines")
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// Stops an engine for real (SIGKILL: a crash, not a clean shutdown).
-pub async fn kill_engine(component: &str) {
+pub async fn kill_engine(component: &str) -> Outage {
     let pid = engine_pid(component);
     let status = Command::new("kill")
         .args(["-KILL", &pid.to_string()])
@@ -166,7 +185,7 @@ pub async fn kill_engine(component: &str) {
     // Wait until it is really gone.
     for _ in 0..100 {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            return;
+            return Outage { armed: true };
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -174,7 +193,8 @@ pub async fn kill_engine(component: &str) {
 }
 
 /// Brings the engines back with `./stack engines` (idempotent).
-pub async fn restart_engines() {
+pub async fn restart_engines(mut outage: Outage) {
+    outage.armed = false;
     let status = Command::new(repo_root().join("stack"))
         .arg("engines")
         .stdout(Stdio::null())

@@ -32,7 +32,7 @@ async fn clickhouse_down_pauses_processing_without_loss_or_double_counting() {
     assert_eq!(p.send(&site, first).await.0, 200);
     p.wait_for_requests(&site, &day, 10).await;
 
-    kill_engine("clickhouse").await;
+    let outage = kill_engine("clickhouse").await;
     // Ingestion does not depend on ClickHouse.
     for b in 0..4u128 {
         let batch = site.batch(
@@ -71,7 +71,7 @@ async fn clickhouse_down_pauses_processing_without_loss_or_double_counting() {
     // Let the processor fail and back off a few times.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    restart_engines().await;
+    restart_engines(outage).await;
     p.wait_for_requests(&site, &day, 50).await;
     assert_eq!(p.raw_totals(&site).await, (50, 5500));
     usage_e2e::wait_ready_status(p.query_addr, 200, Duration::from_secs(10)).await;

@@ -28,7 +28,7 @@ async fn kafka_down_means_503_and_nothing_is_lost_after_it_returns() {
     );
     assert_eq!(p.send(&site, before).await.0, 200);
 
-    kill_engine("kafka").await;
+    let outage = kill_engine("kafka").await;
     let during = site.batch(
         (10..30)
             .map(|i| event(i, &u, "queue", "gpt-4o", 100, 10, &created()))
@@ -56,7 +56,7 @@ async fn kafka_down_means_503_and_nothing_is_lost_after_it_returns() {
     println!("503 after {:?} with Kafka down", started.elapsed());
     usage_e2e::wait_ready_status(p.ingest_addr, 503, Duration::from_secs(20)).await;
 
-    restart_engines().await;
+    restart_engines(outage).await;
     // The plugin retries the refused batch until it is accepted.
     eventually(
         "the retried batch to be accepted",

@@ -496,7 +496,11 @@ impl Engine {
                 .checked_sub_months(chrono::Months::new(3))
                 .unwrap_or_default(),
         );
-        let mut totals = self.months_since(new, &months_from).await?;
+        // ClickHouse's last Date: every month from `months_from` on.
+        let last_date = chrono::NaiveDate::from_ymd_opt(2149, 6, 6).unwrap_or_default();
+        let mut totals = self
+            .billed_months(new, month_date(&months_from), last_date)
+            .await?;
         // This batch's events are counted by the caller, as they are evaluated.
         for (id, items) in batch {
             for i in items {
@@ -582,25 +586,10 @@ impl Engine {
             .collect();
         let mut totals = HashMap::new();
         for ids in ids.chunks(IDS_PER_QUERY) {
-            let rows: Vec<(String, String, u64)> = self
-                .setup
-                .clickhouse
-                .query(
-                    "SELECT install_id,
-                            formatDateTime(if(late_billing_month = toDate(0), month, late_billing_month), '%Y-%m') AS billed,
-                            sum(requests)
-                     FROM usage_monthly FINAL
-                     WHERE install_id IN {ids:Array(String)} AND month >= {from:Date} AND month <= {to:Date}
-                     GROUP BY install_id, billed",
-                )
-                .param("ids", ids)
-                .param("from", from.to_string())
-                .param("to", last.to_string())
-                .fetch_all()
-                .await?;
             totals.extend(
-                rows.into_iter()
-                    .map(|(i, m, n)| ((i, m), n))
+                self.billed_months(ids, from, last)
+                    .await?
+                    .into_iter()
                     .filter(|(k, _)| keys.contains_key(k)),
             );
         }
@@ -608,11 +597,12 @@ impl Engine {
     }
 
     /// Generations per (install_id, billing month `YYYY-MM`) of these
-    /// installations, for every billing month from `from` (`YYYY-MM`) on.
-    async fn months_since(
+    /// installations, from the monthly rows of months `from..=to`.
+    async fn billed_months<S: AsRef<str> + serde::Serialize>(
         &self,
-        ids: &[String],
-        from: &str,
+        ids: &[S],
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
     ) -> Result<HashMap<(String, String), u64>, EngineError> {
         let rows: Vec<(String, String, u64)> = self
             .setup
@@ -622,11 +612,12 @@ impl Engine {
                         formatDateTime(if(late_billing_month = toDate(0), month, late_billing_month), '%Y-%m') AS billed,
                         sum(requests)
                  FROM usage_monthly FINAL
-                 WHERE install_id IN {ids:Array(String)} AND month >= {from:Date}
+                 WHERE install_id IN {ids:Array(String)} AND month >= {from:Date} AND month <= {to:Date}
                  GROUP BY install_id, billed",
             )
             .param("ids", ids)
-            .param("from", month_date(from).to_string())
+            .param("from", from.to_string())
+            .param("to", to.to_string())
             .fetch_all()
             .await?;
         Ok(rows.into_iter().map(|(i, m, n)| ((i, m), n)).collect())
