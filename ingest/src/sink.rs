@@ -98,7 +98,16 @@ impl RecordSink for KafkaSink {
             }
         }
         for delivery in deliveries {
-            match delivery.await {
+            // librdkafka checks message timeouts once a second: the request's
+            // own deadline holds to the millisecond. A record that times out
+            // here may still reach the log; the plugin's retry then repeats
+            // its event ids, which the processors count once.
+            let Ok(delivered) = tokio::time::timeout_at(deadline, delivery).await else {
+                return Err(SinkError::Unavailable(
+                    "Kafka did not confirm in time".into(),
+                ));
+            };
+            match delivered {
                 Ok(Ok(_)) => {}
                 Ok(Err((err, _))) => return Err(SinkError::Unavailable(err.to_string())),
                 Err(_canceled) => return Err(SinkError::Unavailable("producer shut down".into())),

@@ -141,7 +141,9 @@ pub struct FaultInjection {
 }
 
 pub struct EventsConsumer {
-    pub consumer: EventsStream,
+    /// Shared with the blocking threads that run librdkafka's synchronous
+    /// calls (see `kafka_call`).
+    pub consumer: Arc<EventsStream>,
     pub topic: String,
     pub clickhouse: clickhouse::Client,
     pub prices: Arc<RwLock<PriceTable>>,
@@ -288,7 +290,7 @@ impl EventsConsumer {
                     .iter()
                     .map(|(p, (_, last))| (*p, *last))
                     .collect();
-                self.commit(&offsets);
+                self.commit(&offsets).await;
             }
             if *shutdown.borrow() {
                 break;
@@ -426,7 +428,7 @@ impl EventsConsumer {
         if !through.is_empty() {
             // Committed at once: the consumer's position may already be past
             // them, and nothing else commits a partition with no new event.
-            self.commit(&through);
+            self.commit(&through).await;
         }
         Some(through)
     }
@@ -445,8 +447,8 @@ impl EventsConsumer {
             return Ok((owned, Vec::new()));
         }
         let committed = self
-            .consumer
-            .committed_offsets(assigned, Duration::from_secs(10))
+            .kafka_call(move |c| c.committed_offsets(assigned, Duration::from_secs(10)))
+            .await?
             .map_err(|e| e.to_string())?;
         let next: BTreeMap<i32, i64> = committed
             .elements_for_topic(&self.topic)
@@ -470,7 +472,7 @@ impl EventsConsumer {
         if plan_changes.is_empty() {
             return;
         }
-        let ownership = self.ownership();
+        let ownership = self.ownership().await;
         for install in &plan_changes {
             let partition = ownership.as_ref().and_then(|o| o.partition_owned(install));
             // A plan change is acted on once every event the gateways
@@ -479,7 +481,11 @@ impl EventsConsumer {
             // that arrive after the change apply it at its own time, as
             // they did live).
             let since = self.governance.plan_changed_at(install);
-            if let Some(p) = partition.filter(|p| !self.caught_up(*p, since)) {
+            let behind = match partition {
+                Some(p) => !self.caught_up(p, since).await,
+                None => false,
+            };
+            if let Some(p) = partition.filter(|_| behind) {
                 tracing::debug!(%install, partition = p, "plan change waits for the partition to catch up");
                 self.governance.retry_plan_change(install);
                 continue;
@@ -494,12 +500,14 @@ impl EventsConsumer {
 
     /// The partitions this instance owns now. Plan changes and rebalances
     /// are rare: the metadata call is cheap enough there.
-    fn ownership(&self) -> Option<Ownership> {
+    async fn ownership(&self) -> Option<Ownership> {
         let assigned = self.consumer.assignment().ok()?;
-        let partitions = match self
-            .consumer
-            .fetch_metadata(Some(&self.topic), Duration::from_secs(2))
-        {
+        let topic = self.topic.clone();
+        let metadata = self
+            .kafka_call(move |c| c.fetch_metadata(Some(&topic), Duration::from_secs(2)))
+            .await
+            .ok()?;
+        let partitions = match metadata {
             Ok(m) => m
                 .topics()
                 .iter()
@@ -525,49 +533,25 @@ impl EventsConsumer {
     /// or the committed offset when nothing was consumed since the
     /// assignment) reached the first message stamped at or after `since`
     /// (the high watermark when there is none yet).
-    fn caught_up(&self, partition: i32, since: i64) -> bool {
-        let timeout = Duration::from_secs(2);
-        let offset_of = |tpl: &TopicPartitionList| match tpl
-            .find_partition(&self.topic, partition)
-            .map(|e| e.offset())
-        {
-            Some(Offset::Offset(o)) => Some(o),
-            _ => None,
-        };
-        let mut at = TopicPartitionList::new();
-        if at
-            .add_partition_offset(&self.topic, partition, Offset::Offset(since))
-            .is_err()
-        {
-            return false;
-        }
-        let target = match self.consumer.offsets_for_times(at, timeout) {
-            Ok(found) => match offset_of(&found) {
-                Some(o) => o,
-                None => match self
-                    .consumer
-                    .fetch_watermarks(&self.topic, partition, timeout)
-                {
-                    Ok((_, high)) => high,
-                    Err(_) => return false,
-                },
-            },
-            Err(_) => return false,
-        };
-        let next = self
-            .consumer
-            .position()
-            .ok()
-            .and_then(|p| offset_of(&p))
-            .or_else(|| {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(&self.topic, partition);
-                self.consumer
-                    .committed_offsets(tpl, timeout)
-                    .ok()
-                    .and_then(|c| offset_of(&c))
-            });
-        next.unwrap_or(0) >= target
+    async fn caught_up(&self, partition: i32, since: i64) -> bool {
+        let topic = self.topic.clone();
+        self.kafka_call(move |c| caught_up(c, &topic, partition, since))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Runs a blocking librdkafka call (offsets, metadata, a synchronous
+    /// commit) on a blocking thread: with Kafka down each can wait for
+    /// seconds, and the async threads meanwhile serve everything else of
+    /// the process (`/health`, `/metrics`; in the tests, the gateway too).
+    async fn kafka_call<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&EventsStream) -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let consumer = Arc::clone(&self.consumer);
+        tokio::task::spawn_blocking(move || call(&consumer))
+            .await
+            .map_err(|e| format!("Kafka call did not finish: {e}"))
     }
 
     /// Counts the batch's new events in governance and publishes, retrying
@@ -746,7 +730,7 @@ impl EventsConsumer {
         }
     }
 
-    fn commit(&self, offsets: &BTreeMap<i32, i64>) {
+    async fn commit(&self, offsets: &BTreeMap<i32, i64>) {
         let mut tpl = TopicPartitionList::new();
         for (partition, offset) in offsets {
             if let Err(err) =
@@ -758,11 +742,55 @@ impl EventsConsumer {
         }
         // A failed commit (e.g. the partition moved to another instance in a
         // rebalance) only means the batch is read again: harmless by design.
-        if let Err(err) = self.consumer.commit(&tpl, CommitMode::Sync) {
+        let committed = self
+            .kafka_call(move |c| c.commit(&tpl, CommitMode::Sync).map_err(|e| e.to_string()))
+            .await
+            .and_then(|r| r);
+        if let Err(err) = committed {
             self.metrics.commit_errors.inc();
             tracing::warn!(%err, "offset commit failed; the batch will be re-read and recomputed");
         }
     }
+}
+
+/// `EventsConsumer::caught_up`, blocking.
+fn caught_up(consumer: &EventsStream, topic: &str, partition: i32, since: i64) -> bool {
+    let timeout = Duration::from_secs(2);
+    let offset_of =
+        |tpl: &TopicPartitionList| match tpl.find_partition(topic, partition).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        };
+    let mut at = TopicPartitionList::new();
+    if at
+        .add_partition_offset(topic, partition, Offset::Offset(since))
+        .is_err()
+    {
+        return false;
+    }
+    let target = match consumer.offsets_for_times(at, timeout) {
+        Ok(found) => match offset_of(&found) {
+            Some(o) => o,
+            None => match consumer.fetch_watermarks(topic, partition, timeout) {
+                Ok((_, high)) => high,
+                Err(_) => return false,
+            },
+        },
+        Err(_) => return false,
+    };
+    let next = consumer
+        .position()
+        .ok()
+        .and_then(|p| offset_of(&p))
+        .or_else(|| {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            consumer
+                .committed_offsets(tpl, timeout)
+                .ok()
+                .and_then(|c| offset_of(&c))
+        });
+    next.unwrap_or(0) >= target
 }
 
 /// Reads exactly these offsets of `topic` (a batch to redo): each

@@ -172,7 +172,7 @@ impl Service for Processors {
             crash_after_decisions_stored: config.crash_after_decisions_stored,
         });
         let events = EventsConsumer {
-            consumer: consumer(
+            consumer: Arc::new(consumer(
                 &config,
                 &config.group,
                 &config.kafka.events_topic,
@@ -181,7 +181,7 @@ impl Service for Processors {
                     processor_metrics.consumer_lag.clone(),
                 ),
                 true,
-            )?,
+            )?),
             topic: config.kafka.events_topic.clone(),
             clickhouse: clickhouse.clone(),
             prices,
