@@ -475,6 +475,85 @@ fn metric(text: &str, name: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
+/// The sum of every sample of `name` (e.g. a histogram's `_sum` over its
+/// labels).
+fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.split(['{', ' '].as_ref()).next() == Some(name)
+                && label.is_none_or(|label| l.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Where the processors' time went, from their own histograms.
+struct ProcessorTime {
+    batches: f64,
+    consumed: f64,
+    /// (step, seconds)
+    steps: Vec<(&'static str, f64)>,
+}
+
+impl ProcessorTime {
+    const STEPS: [(&'static str, &'static str, Option<&'static str>); 4] = [
+        (
+            "lookup",
+            "usage_processor_flush_phase_seconds_sum",
+            Some("phase=\"lookup\""),
+        ),
+        (
+            "deltas",
+            "usage_processor_flush_phase_seconds_sum",
+            Some("phase=\"deltas\""),
+        ),
+        (
+            "raw",
+            "usage_processor_flush_phase_seconds_sum",
+            Some("phase=\"raw\""),
+        ),
+        ("governance", "usage_governance_batch_seconds_sum", None),
+    ];
+
+    fn read(text: &str) -> Self {
+        Self {
+            batches: metric_sum(text, "usage_processor_flush_seconds_count", None),
+            consumed: metric_sum(text, "usage_processor_messages_consumed_total", None),
+            steps: Self::STEPS
+                .iter()
+                .map(|(step, name, label)| (*step, metric_sum(text, name, *label)))
+                .collect(),
+        }
+    }
+
+    fn minus(&self, before: &Self) -> Self {
+        Self {
+            batches: self.batches - before.batches,
+            consumed: self.consumed - before.consumed,
+            steps: self
+                .steps
+                .iter()
+                .zip(&before.steps)
+                .map(|((step, now), (_, then))| (*step, now - then))
+                .collect(),
+        }
+    }
+
+    fn print(&self) {
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(step, secs)| format!("{step} {secs:.1} s"))
+            .collect();
+        println!(
+            "processors: {} batches of {:.0} events on average; time in {}",
+            self.batches,
+            self.consumed / self.batches.max(1.0),
+            steps.join(", ")
+        );
+    }
+}
+
 /// Raw events stored since `since_ms` (received_at), read from ClickHouse:
 /// the processors store a batch's raw events last, after its rollups.
 async fn stored_since(ch: &clickhouse::Client, since_ms: i64) -> u64 {
@@ -610,6 +689,12 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     ready.wait().await;
+    // Unpaused, the processors work during the load too: count from here.
+    let running_before = if args.isolate {
+        None
+    } else {
+        metrics_text(&client, &args.processors).await
+    };
     let started = Instant::now();
     let mut last = 0;
     for s in 1..=args.duration {
@@ -630,6 +715,13 @@ async fn main() -> anyhow::Result<()> {
     } else {
         started
     };
+    // Read once they run again (paused, they answer nothing); they did
+    // nothing in between.
+    let spent_before = match running_before {
+        Some(text) => Some(text),
+        None => metrics_text(&client, &args.processors).await,
+    }
+    .map(|t| ProcessorTime::read(&t));
 
     // Drain: wait until the processors have every distinct event.
     let distinct: u64 = sites
@@ -654,6 +746,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if let Some(text) = metrics_text(&client, &args.processors).await {
+        if let Some(before) = &spent_before {
+            ProcessorTime::read(&text).minus(before).print();
+        }
         for name in [
             "usage_governance_installations{",
             "usage_governance_decisions_total",

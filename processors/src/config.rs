@@ -27,11 +27,19 @@ pub struct Config {
     )]
     pub group: String,
     /// Most events written to ClickHouse in one batch. Batches close after
-    /// `batch_wait_ms` or at this size; under load they grow while the
-    /// previous one is being written, so rollups are recomputed less often
-    /// (each recompute reads the touched installation-days).
+    /// `batch_wait_ms` or at this size.
     #[arg(long, env = "USAGE_PROCESSORS_BATCH_EVENTS", default_value_t = 50_000)]
     pub batch_events: usize,
+    /// Most stored event ids kept in memory (16 bytes each, about 20 with
+    /// the set's overhead) to tell duplicates without asking ClickHouse
+    /// (`rollup::seen`): the (installation, day) pairs used least recently
+    /// are read again from ClickHouse when needed.
+    #[arg(
+        long,
+        env = "USAGE_PROCESSORS_SEEN_IDS_MAX",
+        default_value_t = 4_000_000
+    )]
+    pub seen_ids_max: usize,
     /// Longest a batch waits for more events after its first one, in ms
     /// (bounds the freshness of the rollups).
     #[arg(long, env = "USAGE_PROCESSORS_BATCH_WAIT_MS", default_value_t = 200)]

@@ -147,6 +147,8 @@ pub struct EventsConsumer {
     pub topic: String,
     pub clickhouse: clickhouse::Client,
     pub prices: Arc<RwLock<PriceTable>>,
+    /// Stored event ids of the installations owned (`rollup::seen`).
+    pub seen: tokio::sync::Mutex<rollup::seen::SeenIds>,
     pub limits: BatchLimits,
     pub metrics: ProcessorMetrics,
     pub faults: FaultInjection,
@@ -242,6 +244,8 @@ impl EventsConsumer {
             };
             if self.consumer.context().take_revoked() {
                 self.governance.forget_all();
+                // Another owner may write those installations from now on.
+                self.seen.lock().await.clear();
                 // Events of partitions another instance owns now are its
                 // to write: nothing of them was recorded or written yet.
                 if let Ok(assigned) = self.consumer.assignment() {
@@ -697,17 +701,32 @@ impl EventsConsumer {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             let timer = self.metrics.flush_seconds.start_timer();
-            match rollup::flush(
+            let mut seen = self.seen.lock().await;
+            let flushed = rollup::flush(
                 &self.clickhouse,
                 &batch.id,
                 events,
                 &prices,
+                &mut seen,
                 abort_after_deltas,
             )
-            .await
-            {
+            .await;
+            self.metrics.seen_ids.set(seen.ids() as i64);
+            self.metrics.seen_days.set(seen.days() as i64);
+            drop(seen);
+            match flushed {
                 Ok(report) => {
                     timer.observe_duration();
+                    for (phase, took) in [
+                        ("lookup", report.phases.lookup),
+                        ("deltas", report.phases.deltas),
+                        ("raw", report.phases.raw),
+                    ] {
+                        self.metrics
+                            .flush_phase_seconds
+                            .with_label_values(&[phase])
+                            .observe(took.as_secs_f64());
+                    }
                     self.metrics.inserted.inc_by(report.inserted as u64);
                     // Every event of the batch is one of the three, so the
                     // counters add up to the events consumed (less the

@@ -185,6 +185,7 @@ impl Service for Processors {
             topic: config.kafka.events_topic.clone(),
             clickhouse: clickhouse.clone(),
             prices,
+            seen: tokio::sync::Mutex::new(rollup::seen::SeenIds::new(config.seen_ids_max)),
             limits: BatchLimits {
                 max_events: config.batch_events,
                 max_wait: Duration::from_millis(config.batch_wait_ms),

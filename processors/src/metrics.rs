@@ -1,6 +1,6 @@
 //! The processors' Prometheus metrics.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts};
 use usage_service_kit::Metrics;
 
 #[derive(Clone)]
@@ -13,6 +13,11 @@ pub struct ProcessorMetrics {
     pub flush_errors: IntCounter,
     pub commit_errors: IntCounter,
     pub flush_seconds: Histogram,
+    /// The flush's steps: `lookup` (erasures, stored ids), `deltas`, `raw`.
+    pub flush_phase_seconds: HistogramVec,
+    /// Stored event ids kept in memory, and their (installation, day) pairs.
+    pub seen_ids: IntGauge,
+    pub seen_days: IntGauge,
     /// Partitions of the events topic this instance owns right now.
     pub assigned_partitions: IntGauge,
     /// Batches redone with their recorded offsets on taking partitions over.
@@ -51,6 +56,30 @@ impl ProcessorMetrics {
         )
         .expect("static metric definition");
         metrics.register(Box::new(flush_seconds.clone()));
+        let flush_phase_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "processor_flush_phase_seconds",
+                "time of each step of a batch's write: lookup (erasures, stored ids), deltas, raw",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["phase"],
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(flush_phase_seconds.clone()));
+        let seen_ids = IntGauge::new(
+            "processor_seen_ids",
+            "stored event ids kept in memory to tell duplicates (rollup::seen)",
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(seen_ids.clone()));
+        let seen_days = IntGauge::new(
+            "processor_seen_days",
+            "(installation, day) pairs whose stored event ids are kept in memory",
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(seen_days.clone()));
         let assigned_partitions = IntGauge::new(
             "processor_assigned_partitions",
             "events-topic partitions owned by this instance",
@@ -109,6 +138,9 @@ impl ProcessorMetrics {
                 "failed offset commits (batch re-read)",
             ),
             flush_seconds,
+            flush_phase_seconds,
+            seen_ids,
+            seen_days,
             assigned_partitions,
             governance: crate::governance::engine::GovernanceMetrics {
                 too_late: Some(counter(

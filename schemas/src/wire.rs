@@ -139,12 +139,17 @@ impl Codec {
         let readers = schemas
             .iter()
             .map(|writer_schema| {
-                let reader = build(
-                    history.subject,
+                // Data written with the current schema needs no resolution,
+                // and is then read straight into the type (no `Value` tree
+                // in between): the processors' hot path.
+                let reader = if std::ptr::eq(*writer_schema, current) {
+                    GenericDatumReader::builder(writer_schema).build()
+                } else {
                     GenericDatumReader::builder(writer_schema)
                         .reader_schema(current)
-                        .build(),
-                );
+                        .build()
+                };
+                let reader = build(history.subject, reader);
                 (fingerprint(writer_schema), reader)
             })
             .collect();
@@ -201,10 +206,15 @@ impl Codec {
                 fingerprint: hex::encode(fp),
             })?;
         let mut body = &bytes[HEADER_LEN..];
-        let value = reader.read_value(&mut body).map_err(|e| self.avro_err(e))?;
+        let decoded = if fp == self.current_fingerprint() {
+            reader.read_deser(&mut body).map_err(|e| self.avro_err(e))?
+        } else {
+            let value = reader.read_value(&mut body).map_err(|e| self.avro_err(e))?;
+            apache_avro::from_value(&value).map_err(|e| self.avro_err(e))?
+        };
         if !body.is_empty() {
             return Err(WireError::TrailingBytes(body.len(), self.subject));
         }
-        apache_avro::from_value(&value).map_err(|e| self.avro_err(e))
+        Ok(decoded)
     }
 }

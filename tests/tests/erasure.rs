@@ -360,9 +360,18 @@ async fn a_redelivered_batch_deletes_what_an_earlier_attempt_wrote_after_an_eras
         event(3, "inst_kept"),
     ];
     let prices = PriceTable::from_rows(Vec::new());
-    let first = flush(&client, "erasure-test-batch", &batch, &prices, false)
-        .await
-        .unwrap();
+    // The same owner both times: the ids it keeps must not hide the erasure.
+    let mut seen = usage_processors::rollup::seen::SeenIds::new(1_000);
+    let first = flush(
+        &client,
+        "erasure-test-batch",
+        &batch,
+        &prices,
+        &mut seen,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(first.inserted, 3);
 
     // The erasure is recorded (its deletes already ran) before the batch is
@@ -373,9 +382,16 @@ async fn a_redelivered_batch_deletes_what_an_earlier_attempt_wrote_after_an_eras
         .execute()
         .await
         .unwrap();
-    let again = flush(&client, "erasure-test-batch", &batch, &prices, false)
-        .await
-        .unwrap();
+    let again = flush(
+        &client,
+        "erasure-test-batch",
+        &batch,
+        &prices,
+        &mut seen,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!((again.erased, again.erased_after_earlier_attempt), (2, 1));
 
     for table in TABLES {

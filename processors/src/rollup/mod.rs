@@ -40,6 +40,7 @@
 //!    its events erased but stored, and deletes them then.
 
 pub mod deltas;
+pub mod seen;
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -52,6 +53,7 @@ use usage_schemas::UsageEvent;
 use usage_service_kit::periods;
 
 use crate::pricing::PriceTable;
+use seen::{id_key, IdKey, SeenIds};
 
 /// Bytes of event ids per existence query: they travel as a query
 /// parameter, and ClickHouse caps one at 128 KiB (`http_max_field_value_size`).
@@ -80,6 +82,19 @@ pub struct FlushReport {
     pub erased_before: std::collections::HashMap<String, i64>,
     /// Rows inserted into the three rollup tables (before deduplication).
     pub rollup_rows: usize,
+    /// Where the flush's time went.
+    pub phases: FlushPhases,
+}
+
+/// Wall time of a flush's three steps.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlushPhases {
+    /// Erasures and the stored ids looked up.
+    pub lookup: std::time::Duration,
+    /// The rollup deltas computed and inserted.
+    pub deltas: std::time::Duration,
+    /// The raw events inserted.
+    pub raw: std::time::Duration,
 }
 
 fn millis(ms: i64) -> DateTime<Utc> {
@@ -142,12 +157,14 @@ pub async fn flush(
     batch_id: &str,
     events: &[UsageEvent],
     prices: &PriceTable,
+    seen: &mut SeenIds,
     abort_after_deltas: bool,
 ) -> Result<FlushReport, clickhouse::error::Error> {
     let mut report = FlushReport::default();
     if events.is_empty() {
         return Ok(report);
     }
+    let phase = std::time::Instant::now();
 
     let erased = erased_at(client, events.iter().map(|e| e.install_id.as_str())).await?;
     let gone = |e: &UsageEvent| {
@@ -157,11 +174,18 @@ pub async fn flush(
     };
     report.erased = events.iter().filter(|e| gone(e)).count();
     // First occurrence in the batch wins, like first write wins across batches.
-    let mut seen = HashSet::with_capacity(events.len());
+    let mut in_batch = HashSet::with_capacity(events.len());
     let unique: Vec<(usize, &UsageEvent)> = events
         .iter()
         .enumerate()
-        .filter(|(_, e)| !gone(e) && seen.insert((e.install_id.as_str(), e.event_id.as_str())))
+        .filter(|(_, e)| {
+            !gone(e)
+                && in_batch.insert((
+                    e.install_id.as_str(),
+                    day_of(e.created_at),
+                    e.event_id.as_str(),
+                ))
+        })
         .collect();
     if report.erased > 0 {
         tracing::info!(
@@ -183,20 +207,72 @@ pub async fn flush(
         report.erased_after_earlier_attempt = left.len();
     }
 
-    let stored = stored_ids(client, &unique.iter().map(|(_, e)| *e).collect::<Vec<_>>()).await?;
-    // Borrowed keys: no allocation per event to test membership.
-    let stored: HashSet<(&str, &str)> = stored
+    // Which events are stored already: asked of the ids kept per
+    // (installation, day) (`seen`), reading from ClickHouse only the days
+    // not kept yet.
+    seen.forget_erased(&erased);
+    let touched: BTreeSet<(String, NaiveDate)> = unique
         .iter()
-        .map(|(i, e)| (i.as_str(), e.as_str()))
+        .map(|(_, e)| (e.install_id.clone(), day_of(e.created_at)))
         .collect();
-    let (found, new): (Vec<_>, Vec<_>) = unique
+    let missing = seen.missing(&touched);
+    if !missing.is_empty() {
+        for (key, ids) in seen::read_days(client, &missing).await? {
+            let erased_at = erased.get(&key.0).copied();
+            seen.insert_read(key, ids, erased_at);
+        }
+    }
+    let keyed: Vec<(usize, &UsageEvent, NaiveDate, IdKey)> = unique
         .iter()
-        .copied()
-        .partition(|(_, e)| stored.contains(&(e.install_id.as_str(), e.event_id.as_str())));
-    let (fresh_idx, fresh): (Vec<usize>, Vec<&UsageEvent>) = new.into_iter().unzip();
-    report.stored = found.into_iter().map(|(i, _)| i).collect();
+        .map(|(i, e)| (*i, *e, day_of(e.created_at), id_key(&e.event_id)))
+        .collect();
+    let (found, new): (Vec<_>, Vec<_>) = keyed
+        .into_iter()
+        .partition(|(_, e, day, id)| seen.contains(&e.install_id, *day, *id) == Some(true));
+    let added: Vec<(&str, NaiveDate, IdKey)> = new
+        .iter()
+        .map(|(_, e, day, id)| (e.install_id.as_str(), *day, *id))
+        .collect();
+    let (fresh_idx, fresh): (Vec<usize>, Vec<&UsageEvent>) =
+        new.into_iter().map(|(i, e, _, _)| (i, e)).unzip();
+    report.stored = found.into_iter().map(|(i, ..)| i).collect();
     report.fresh = fresh_idx;
+    report.phases.lookup = phase.elapsed();
 
+    let written = write_batch(
+        client,
+        batch_id,
+        &fresh,
+        prices,
+        abort_after_deltas,
+        &mut report,
+    )
+    .await;
+    if let Err(err) = written {
+        // ClickHouse may hold more of these days than known: read them
+        // again at the next attempt.
+        seen.forget(&touched);
+        return Err(err);
+    }
+    for (install, day, id) in added {
+        seen.add(install, day, id);
+    }
+    seen.touch_and_trim(&touched);
+    report.erased_before = erased;
+    Ok(report)
+}
+
+/// The deltas of the first-seen events, then the raw events (module docs,
+/// point 3); `report` gets the rows written and the time of each step.
+async fn write_batch(
+    client: &Client,
+    batch_id: &str,
+    fresh: &[&UsageEvent],
+    prices: &PriceTable,
+    abort_after_deltas: bool,
+    report: &mut FlushReport,
+) -> Result<(), clickhouse::error::Error> {
+    let mut phase = std::time::Instant::now();
     let rows: Vec<UsageEventRow> = fresh.iter().map(|e| to_row(e, prices)).collect();
     let deltas = deltas::deltas(&rows);
     // Side by side; all three are awaited even if one fails, so that none
@@ -212,6 +288,8 @@ pub async fn flush(
         insert_deltas(client, batch_id, "usage_monthly", &deltas.monthly),
     );
     report.rollup_rows = daily? + install_daily? + monthly?;
+    report.phases.deltas = phase.elapsed();
+    phase = std::time::Instant::now();
     if abort_after_deltas {
         tracing::error!("crash-after-deltas fault injection: aborting before the raw events");
         std::process::abort();
@@ -225,8 +303,8 @@ pub async fn flush(
         insert.end().await?;
         report.inserted = rows.len();
     }
-    report.erased_before = erased;
-    Ok(report)
+    report.phases.raw = phase.elapsed();
+    Ok(())
 }
 
 /// Inserts a batch's rows of one rollup table, one insert per table
@@ -303,9 +381,14 @@ pub async fn delete_erased_meanwhile<'a>(
     Ok(deleted)
 }
 
+/// Bytes of `s` as an element of an array parameter: quoted, escaped
+/// (backslash and quote), followed by a comma.
+fn quoted_len(s: &str) -> usize {
+    s.len() + s.bytes().filter(|b| matches!(b, b'\\' | b'\'')).count() + 3
+}
+
 /// Consecutive runs of `events` whose event ids and installation ids each
-/// stay under `budget` bytes as a parameter (each id counted with room for
-/// its quotes, comma and escapes).
+/// stay under `budget` bytes as a parameter ([`quoted_len`]).
 fn chunks_by_bytes<'a, 'e>(
     events: &'a [&'e UsageEvent],
     budget: usize,
@@ -319,7 +402,7 @@ fn chunks_by_bytes<'a, 'e>(
         let mut end = start;
         while end < events.len() {
             let e = events[end];
-            let (i, n) = (e.event_id.len() * 2 + 3, e.install_id.len() * 2 + 3);
+            let (i, n) = (quoted_len(&e.event_id), quoted_len(&e.install_id));
             if end > start && (ids + i > budget || installs + n > budget) {
                 break;
             }
@@ -366,6 +449,60 @@ mod tests {
             day_of(1_762_165_800_000),
             "2025-11-03".parse::<NaiveDate>().unwrap()
         );
+    }
+
+    fn event(install: &str, id: &str) -> UsageEvent {
+        UsageEvent {
+            event_id: id.to_string(),
+            install_id: install.to_string(),
+            account_id: "acc_1".into(),
+            wp_site_id: None,
+            wp_user_id_hash: "u".into(),
+            source: "bulk".into(),
+            model: "gpt-4o".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            total_tokens: 2,
+            context_json: None,
+            created_at: 0,
+            processed_at: None,
+            batch_sent_at: None,
+            received_at: 0,
+            signature_scheme: "v2".into(),
+            gateway_instance: "g".into(),
+            billing_month: None,
+            over_limit: None,
+        }
+    }
+
+    #[test]
+    fn quoted_length_counts_quotes_comma_and_escapes() {
+        assert_eq!(quoted_len("evt_ab"), 9);
+        assert_eq!(quoted_len("a'b\\c"), 5 + 2 + 3);
+    }
+
+    #[test]
+    fn chunks_cover_every_event_in_order_within_the_budget() {
+        let events: Vec<UsageEvent> = (0..1_000)
+            .map(|i| event(&format!("inst-{}", i / 7), &format!("evt_{i:032x}")))
+            .collect();
+        let refs: Vec<&UsageEvent> = events.iter().collect();
+        for budget in [1, 40, 500, 4_096, 1_000_000] {
+            let chunks: Vec<&[&UsageEvent]> = chunks_by_bytes(&refs, budget).collect();
+            let flat: Vec<&str> = chunks
+                .iter()
+                .flat_map(|c| c.iter().map(|e| e.event_id.as_str()))
+                .collect();
+            let all: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+            assert_eq!(flat, all, "budget {budget}");
+            for chunk in &chunks {
+                assert!(!chunk.is_empty());
+                let ids: usize = chunk.iter().map(|e| quoted_len(&e.event_id)).sum();
+                let installs: usize = chunk.iter().map(|e| quoted_len(&e.install_id)).sum();
+                // A single event always fits (it cannot be split further).
+                assert!(chunk.len() == 1 || (ids <= budget && installs <= budget));
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,331 @@
+//! The event ids already in `usage_events`, per (installation, day), kept
+//! by the processor that owns the installation's partition.
+//!
+//! Why: telling first-seen events from duplicates is the write path's one
+//! read. Asked of ClickHouse for every batch, it re-reads every stored event
+//! of each (installation, day) the batch touches, so a busy installation's
+//! day costs its whole history again at every batch (BENCHMARKS.md, issue
+//! 13). Every event of an installation goes to one partition, and every
+//! partition has one owner, so the owner can read an (installation, day)
+//! once and then keep it up to date itself with what it writes.
+//!
+//! Exact as long as the cache equals what ClickHouse holds for each kept
+//! (installation, day):
+//! - an (installation, day) is read whole from ClickHouse the first time a
+//!   batch touches it, and again after it was forgotten;
+//! - the ids of a batch are added only once its raw events were inserted;
+//!   when any step of a flush fails, every (installation, day) of the batch
+//!   is forgotten, since ClickHouse may hold more than the cache knows;
+//! - on a rebalance the consumer forgets everything ([`SeenIds::clear`]);
+//! - an installation whose erasure time changed since it was read is
+//!   forgotten before the batch is looked up (its rows were deleted).
+//!
+//! Two writers of one installation at once (two consumer groups on the same
+//! tables) are not exact with or without the cache: the ledger orders one
+//! group's batches only.
+//!
+//! The key is `(install_id, day of created_at, event_id)`, the sorting key
+//! of `usage_events`, whose ReplacingMergeTree keeps one row per key: the
+//! plugin resends an event with its stored `created_at`, so a resend has the
+//! same key.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::NaiveDate;
+use clickhouse::Client;
+use sha2::{Digest, Sha256};
+
+/// Bytes of (installation, day) pairs per query parameter (ClickHouse caps
+/// one at 128 KiB, `http_max_field_value_size`).
+const PARAM_BYTES: usize = 100_000;
+
+/// An event id in 16 bytes: the contract's `evt_` + 32 lowercase hex digits
+/// are that number exactly; any other id (older data, another spelling) is
+/// its SHA-256, truncated.
+pub type IdKey = u128;
+
+pub fn id_key(event_id: &str) -> IdKey {
+    if let Some(hex) = event_id.strip_prefix("evt_") {
+        if hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            if let Ok(n) = u128::from_str_radix(hex, 16) {
+                return n;
+            }
+        }
+    }
+    // 128 bits of SHA-256: a collision with another id is as unlikely as
+    // one of SHA-256 truncated to 128 bits (nobody can aim for one).
+    let digest = Sha256::digest(event_id.as_bytes());
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    u128::from_be_bytes(first)
+}
+
+/// One (installation, day) of stored events.
+struct Day {
+    ids: HashSet<IdKey>,
+    /// The installation's erasure time (ms) when this was read, if any.
+    erased_at: Option<i64>,
+    /// When it was last used (the flush counter): the least recently used
+    /// are forgotten first.
+    used: u64,
+}
+
+pub struct SeenIds {
+    days: HashMap<(String, NaiveDate), Day>,
+    /// Ids kept over all days, bounded by `max_ids`.
+    ids: usize,
+    max_ids: usize,
+    clock: u64,
+}
+
+impl SeenIds {
+    pub fn new(max_ids: usize) -> Self {
+        Self {
+            days: HashMap::new(),
+            ids: 0,
+            max_ids,
+            clock: 0,
+        }
+    }
+
+    /// (installation, day) pairs kept.
+    pub fn days(&self) -> usize {
+        self.days.len()
+    }
+
+    /// Ids kept.
+    pub fn ids(&self) -> usize {
+        self.ids
+    }
+
+    pub fn clear(&mut self) {
+        self.days.clear();
+        self.ids = 0;
+    }
+
+    pub fn forget<'a>(&mut self, keys: impl IntoIterator<Item = &'a (String, NaiveDate)>) {
+        for key in keys {
+            if let Some(day) = self.days.remove(key) {
+                self.ids -= day.ids.len();
+            }
+        }
+    }
+
+    /// Forgets every kept day of an installation whose erasure time is not
+    /// the one it was read with (`erased`: install id to erasure time, for
+    /// the installations of the batch).
+    pub fn forget_erased(&mut self, erased: &HashMap<String, i64>) {
+        let stale: Vec<(String, NaiveDate)> = self
+            .days
+            .iter()
+            .filter(|((install, _), day)| {
+                erased
+                    .get(install)
+                    .is_some_and(|at| day.erased_at != Some(*at))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        self.forget(&stale);
+    }
+
+    /// Which of `keys` are not kept: to read from ClickHouse.
+    pub fn missing<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a (String, NaiveDate)>,
+    ) -> Vec<(String, NaiveDate)> {
+        keys.into_iter()
+            .filter(|k| !self.days.contains_key(*k))
+            .cloned()
+            .collect()
+    }
+
+    /// Keeps an (installation, day) read whole from ClickHouse.
+    pub fn insert_read(
+        &mut self,
+        key: (String, NaiveDate),
+        ids: HashSet<IdKey>,
+        erased_at: Option<i64>,
+    ) {
+        self.ids += ids.len();
+        let used = self.clock;
+        if let Some(old) = self.days.insert(
+            key,
+            Day {
+                ids,
+                erased_at,
+                used,
+            },
+        ) {
+            self.ids -= old.ids.len();
+        }
+    }
+
+    /// Whether the event is stored. `None` when its day is not kept.
+    pub fn contains(&self, install: &str, day: NaiveDate, id: IdKey) -> Option<bool> {
+        // A borrowed lookup would need a custom key type; installations'
+        // ids are short and this runs once per event of a batch.
+        self.days
+            .get(&(install.to_string(), day))
+            .map(|d| d.ids.contains(&id))
+    }
+
+    /// Records a batch's stored events (after its raw insert succeeded).
+    pub fn add(&mut self, install: &str, day: NaiveDate, id: IdKey) {
+        if let Some(d) = self.days.get_mut(&(install.to_string(), day)) {
+            if d.ids.insert(id) {
+                self.ids += 1;
+            }
+        }
+    }
+
+    /// Marks `keys` used by the flush that just ran, then forgets the least
+    /// recently used days while more than `max_ids` ids are kept (down to
+    /// nine tenths, so trimming is not needed at every flush).
+    pub fn touch_and_trim<'a>(&mut self, keys: impl IntoIterator<Item = &'a (String, NaiveDate)>) {
+        self.clock += 1;
+        for key in keys {
+            if let Some(day) = self.days.get_mut(key) {
+                day.used = self.clock;
+            }
+        }
+        if self.ids <= self.max_ids {
+            return;
+        }
+        let mut by_use: Vec<(u64, (String, NaiveDate))> =
+            self.days.iter().map(|(k, d)| (d.used, k.clone())).collect();
+        by_use.sort_unstable();
+        let target = self.max_ids / 10 * 9;
+        for (_, key) in by_use {
+            if self.ids <= target {
+                break;
+            }
+            self.forget(std::iter::once(&key));
+        }
+    }
+}
+
+/// Reads every stored event id of these (installation, day) pairs.
+pub async fn read_days(
+    client: &Client,
+    keys: &[(String, NaiveDate)],
+) -> Result<HashMap<(String, NaiveDate), HashSet<IdKey>>, clickhouse::error::Error> {
+    let mut found: HashMap<(String, NaiveDate), HashSet<IdKey>> =
+        keys.iter().map(|k| (k.clone(), HashSet::new())).collect();
+    let mut start = 0;
+    while start < keys.len() {
+        // Each pair as a parameter element: ('<install>','YYYY-MM-DD'),
+        // with room for escapes.
+        let mut bytes = 0;
+        let mut end = start;
+        while end < keys.len() {
+            let install = &keys[end].0;
+            let len = install.len()
+                + install
+                    .bytes()
+                    .filter(|b| matches!(b, b'\\' | b'\''))
+                    .count()
+                + 20;
+            if end > start && bytes + len > PARAM_BYTES {
+                break;
+            }
+            bytes += len;
+            end += 1;
+        }
+        let chunk: Vec<(&str, String)> = keys[start..end]
+            .iter()
+            .map(|(i, d)| (i.as_str(), d.format("%Y-%m-%d").to_string()))
+            .collect();
+        start = end;
+        let mut cursor = client
+            .query(
+                "SELECT install_id, toUInt16(toDate(created_at)), event_id FROM usage_events
+                 WHERE (install_id, toDate(created_at)) IN {keys:Array(Tuple(String, Date))}",
+            )
+            .param("keys", chunk)
+            .fetch::<(String, u16, String)>()?;
+        while let Some((install, day, id)) = cursor.next().await? {
+            let day = NaiveDate::default() + chrono::Days::new(u64::from(day));
+            if let Some(ids) = found.get_mut(&(install, day)) {
+                ids.insert(id_key(&id));
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(d: &str) -> NaiveDate {
+        d.parse().unwrap()
+    }
+
+    #[test]
+    fn contract_ids_are_their_number_and_others_are_hashed_apart() {
+        assert_eq!(id_key("evt_00000000000000000000000000000001"), 1);
+        assert_eq!(id_key("evt_ffffffffffffffffffffffffffffffff"), u128::MAX);
+        // Upper case is another string for ClickHouse: another key here.
+        let upper = id_key("evt_0000000000000000000000000000000A");
+        assert_ne!(upper, 10);
+        assert_ne!(upper, id_key("evt_0000000000000000000000000000000a"));
+        assert_ne!(id_key("legacy-1"), id_key("legacy-2"));
+        assert_eq!(id_key("legacy-1"), id_key("legacy-1"));
+    }
+
+    #[test]
+    fn a_day_not_read_is_unknown_and_a_read_one_answers() {
+        let mut seen = SeenIds::new(100);
+        let key = ("i1".to_string(), day("2026-12-01"));
+        assert_eq!(seen.contains("i1", key.1, 7), None);
+        assert_eq!(seen.missing([&key]), vec![key.clone()]);
+        seen.insert_read(key.clone(), HashSet::from([7]), None);
+        assert_eq!(seen.contains("i1", key.1, 7), Some(true));
+        assert_eq!(seen.contains("i1", key.1, 8), Some(false));
+        seen.add("i1", key.1, 8);
+        seen.add("i1", key.1, 8);
+        assert_eq!(seen.contains("i1", key.1, 8), Some(true));
+        assert_eq!(seen.ids(), 2);
+        // Adding to a day not kept keeps nothing (it is read whole later).
+        seen.add("i2", key.1, 9);
+        assert_eq!(seen.contains("i2", key.1, 9), None);
+        seen.forget([&key]);
+        assert_eq!(seen.contains("i1", key.1, 7), None);
+        assert_eq!(seen.ids(), 0);
+    }
+
+    #[test]
+    fn a_new_erasure_forgets_the_installation() {
+        let mut seen = SeenIds::new(100);
+        let a = ("a".to_string(), day("2026-12-01"));
+        let b = ("b".to_string(), day("2026-12-01"));
+        seen.insert_read(a.clone(), HashSet::from([1]), Some(5));
+        seen.insert_read(b.clone(), HashSet::from([1]), None);
+        // The same erasure it was read with: kept.
+        seen.forget_erased(&HashMap::from([("a".to_string(), 5)]));
+        assert_eq!(seen.days(), 2);
+        seen.forget_erased(&HashMap::from([("a".to_string(), 9), ("b".to_string(), 9)]));
+        assert_eq!(seen.days(), 0);
+        assert_eq!(seen.ids(), 0);
+    }
+
+    #[test]
+    fn the_least_recently_used_days_go_first_when_over_the_bound() {
+        let mut seen = SeenIds::new(10);
+        let keys: Vec<(String, NaiveDate)> = (0..4)
+            .map(|i| (format!("i{i}"), day("2026-12-01")))
+            .collect();
+        for (n, key) in keys.iter().enumerate() {
+            seen.insert_read(
+                key.clone(),
+                (0..4).map(|x| x + 10 * n as u128).collect(),
+                None,
+            );
+            seen.touch_and_trim([key]);
+        }
+        // 16 ids > 10: the oldest go until at most 9 are left.
+        assert!(seen.ids() <= 9, "{}", seen.ids());
+        assert_eq!(seen.contains("i3", keys[3].1, 30), Some(true));
+        assert_eq!(seen.contains("i0", keys[0].1, 0), None);
+    }
+}
