@@ -1,10 +1,14 @@
 //! How ClickHouse stays exact: raw events deduplicated, rollups added to
 //! exactly once per event, whatever fails, is retried or is read again.
 //!
-//! 1. Deduplication: an event is stored once per (install_id, event_id). The
-//!    batch's first copy of each id wins; ids already in `usage_events` are
-//!    duplicates (a plugin's resend, a gateway retry, a redelivery). What is
-//!    left is the batch's *first-seen* events.
+//! 1. Deduplication: an event is stored once per (install_id, day of
+//!    created_at, event_id), the sorting key of `usage_events` (a resend
+//!    carries the stored `created_at`). The batch's first copy of each id
+//!    wins; ids already in `usage_events` are duplicates (a plugin's resend,
+//!    a gateway retry, a redelivery). What is left is the batch's
+//!    *first-seen* events. The owner of an installation's partition keeps
+//!    its stored ids per day in memory ([`seen`]) and reads a day from
+//!    ClickHouse only the first time it needs it.
 //! 2. Rollups by delta: the first-seen events are priced and summed per key of
 //!    `usage_daily`, `usage_install_daily` and `usage_monthly` ([`deltas`]),
 //!    and the sums are inserted into those SummingMergeTree tables, which add
