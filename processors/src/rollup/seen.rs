@@ -22,7 +22,10 @@
 //!
 //! Two writers of one installation at once (two consumer groups on the same
 //! tables) are not exact with or without the cache: the ledger orders one
-//! group's batches only.
+//! group's batches only. Rows that disappear behind the processors' back
+//! other than by an erasure (an operator's DELETE, `usage_events` swapped
+//! for a rebuilt table) are not seen either: restart the processors after
+//! such an operation, so that they read the days again.
 //!
 //! The key is `(install_id, day of created_at, event_id)`, the sorting key
 //! of `usage_events`, whose ReplacingMergeTree keeps one row per key: the
