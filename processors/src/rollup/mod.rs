@@ -215,11 +215,11 @@ pub async fn flush(
     // (installation, day) (`seen`), reading from ClickHouse only the days
     // not kept yet.
     seen.forget_erased(&erased);
-    let touched: BTreeSet<(String, NaiveDate)> = unique
+    let touched: BTreeSet<(&str, NaiveDate)> = unique
         .iter()
-        .map(|(_, e)| (e.install_id.clone(), day_of(e.created_at)))
+        .map(|(_, e)| (e.install_id.as_str(), day_of(e.created_at)))
         .collect();
-    let missing = seen.missing(&touched);
+    let missing = seen.missing(touched.iter().copied());
     if !missing.is_empty() {
         for (key, ids) in seen::read_days(client, &missing).await? {
             let erased_at = erased.get(&key.0).copied();
@@ -232,7 +232,7 @@ pub async fn flush(
         .collect();
     let (found, new): (Vec<_>, Vec<_>) = keyed
         .into_iter()
-        .partition(|(_, e, day, id)| seen.contains(&e.install_id, *day, *id) == Some(true));
+        .partition(|(_, e, day, id)| seen.contains((&e.install_id, *day), *id) == Some(true));
     let added: Vec<(&str, NaiveDate, IdKey)> = new
         .iter()
         .map(|(_, e, day, id)| (e.install_id.as_str(), *day, *id))
@@ -255,13 +255,13 @@ pub async fn flush(
     if let Err(err) = written {
         // ClickHouse may hold more of these days than known: read them
         // again at the next attempt.
-        seen.forget(&touched);
+        seen.forget(touched.iter().copied());
         return Err(err);
     }
     for (install, day, id) in added {
-        seen.add(install, day, id);
+        seen.add((install, day), id);
     }
-    seen.touch_and_trim(&touched);
+    seen.touch_and_trim(touched.iter().copied());
     report.erased_before = erased;
     Ok(report)
 }

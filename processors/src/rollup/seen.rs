@@ -73,8 +73,13 @@ struct Day {
     used: u64,
 }
 
+/// An (installation, day) pair, borrowed from the batch's events.
+pub type DayKey<'a> = (&'a str, NaiveDate);
+
 pub struct SeenIds {
-    days: HashMap<(String, NaiveDate), Day>,
+    /// Installation, then day: looked up with the events' borrowed ids,
+    /// no allocation per event.
+    installs: HashMap<String, HashMap<NaiveDate, Day>>,
     /// Ids kept over all days, bounded by `max_ids`.
     ids: usize,
     max_ids: usize,
@@ -84,16 +89,20 @@ pub struct SeenIds {
 impl SeenIds {
     pub fn new(max_ids: usize) -> Self {
         Self {
-            days: HashMap::new(),
+            installs: HashMap::new(),
             ids: 0,
             max_ids,
             clock: 0,
         }
     }
 
+    fn day(&self, (install, day): DayKey<'_>) -> Option<&Day> {
+        self.installs.get(install)?.get(&day)
+    }
+
     /// (installation, day) pairs kept.
     pub fn days(&self) -> usize {
-        self.days.len()
+        self.installs.values().map(HashMap::len).sum()
     }
 
     /// Ids kept.
@@ -102,14 +111,20 @@ impl SeenIds {
     }
 
     pub fn clear(&mut self) {
-        self.days.clear();
+        self.installs.clear();
         self.ids = 0;
     }
 
-    pub fn forget<'a>(&mut self, keys: impl IntoIterator<Item = &'a (String, NaiveDate)>) {
-        for key in keys {
-            if let Some(day) = self.days.remove(key) {
-                self.ids -= day.ids.len();
+    pub fn forget<'a>(&mut self, keys: impl IntoIterator<Item = DayKey<'a>>) {
+        for (install, day) in keys {
+            let Some(days) = self.installs.get_mut(install) else {
+                continue;
+            };
+            if let Some(kept) = days.remove(&day) {
+                self.ids -= kept.ids.len();
+            }
+            if days.is_empty() {
+                self.installs.remove(install);
             }
         }
     }
@@ -118,91 +133,88 @@ impl SeenIds {
     /// the one it was read with (`erased`: install id to erasure time, for
     /// the installations of the batch).
     pub fn forget_erased(&mut self, erased: &HashMap<String, i64>) {
-        let stale: Vec<(String, NaiveDate)> = self
-            .days
-            .iter()
-            .filter(|((install, _), day)| {
-                erased
-                    .get(install)
-                    .is_some_and(|at| day.erased_at != Some(*at))
-            })
-            .map(|(key, _)| key.clone())
-            .collect();
-        self.forget(&stale);
+        for (install, at) in erased {
+            let stale = self
+                .installs
+                .get(install)
+                .is_some_and(|days| days.values().any(|d| d.erased_at != Some(*at)));
+            if let Some(days) = stale.then(|| self.installs.remove(install)).flatten() {
+                self.ids -= days.values().map(|d| d.ids.len()).sum::<usize>();
+            }
+        }
     }
 
     /// Which of `keys` are not kept: to read from ClickHouse.
     pub fn missing<'a>(
         &self,
-        keys: impl IntoIterator<Item = &'a (String, NaiveDate)>,
+        keys: impl IntoIterator<Item = DayKey<'a>>,
     ) -> Vec<(String, NaiveDate)> {
         keys.into_iter()
-            .filter(|k| !self.days.contains_key(*k))
-            .cloned()
+            .filter(|k| self.day(*k).is_none())
+            .map(|(install, day)| (install.to_string(), day))
             .collect()
     }
 
     /// Keeps an (installation, day) read whole from ClickHouse.
     pub fn insert_read(
         &mut self,
-        key: (String, NaiveDate),
+        (install, day): (String, NaiveDate),
         ids: HashSet<IdKey>,
         erased_at: Option<i64>,
     ) {
         self.ids += ids.len();
         let used = self.clock;
-        if let Some(old) = self.days.insert(
-            key,
-            Day {
-                ids,
-                erased_at,
-                used,
-            },
-        ) {
+        let kept = Day {
+            ids,
+            erased_at,
+            used,
+        };
+        if let Some(old) = self.installs.entry(install).or_default().insert(day, kept) {
             self.ids -= old.ids.len();
         }
     }
 
     /// Whether the event is stored. `None` when its day is not kept.
-    pub fn contains(&self, install: &str, day: NaiveDate, id: IdKey) -> Option<bool> {
-        // A borrowed lookup would need a custom key type; installations'
-        // ids are short and this runs once per event of a batch.
-        self.days
-            .get(&(install.to_string(), day))
-            .map(|d| d.ids.contains(&id))
+    pub fn contains(&self, key: DayKey<'_>, id: IdKey) -> Option<bool> {
+        self.day(key).map(|d| d.ids.contains(&id))
     }
 
     /// Records a batch's stored events (after its raw insert succeeded).
-    pub fn add(&mut self, install: &str, day: NaiveDate, id: IdKey) {
-        if let Some(d) = self.days.get_mut(&(install.to_string(), day)) {
-            if d.ids.insert(id) {
-                self.ids += 1;
-            }
+    pub fn add(&mut self, (install, day): DayKey<'_>, id: IdKey) {
+        let kept = self.installs.get_mut(install).and_then(|d| d.get_mut(&day));
+        if kept.is_some_and(|d| d.ids.insert(id)) {
+            self.ids += 1;
         }
     }
 
     /// Marks `keys` used by the flush that just ran, then forgets the least
     /// recently used days while more than `max_ids` ids are kept (down to
     /// nine tenths, so trimming is not needed at every flush).
-    pub fn touch_and_trim<'a>(&mut self, keys: impl IntoIterator<Item = &'a (String, NaiveDate)>) {
+    pub fn touch_and_trim<'a>(&mut self, keys: impl IntoIterator<Item = DayKey<'a>>) {
         self.clock += 1;
-        for key in keys {
-            if let Some(day) = self.days.get_mut(key) {
-                day.used = self.clock;
+        for (install, day) in keys {
+            if let Some(kept) = self.installs.get_mut(install).and_then(|d| d.get_mut(&day)) {
+                kept.used = self.clock;
             }
         }
         if self.ids <= self.max_ids {
             return;
         }
-        let mut by_use: Vec<(u64, (String, NaiveDate))> =
-            self.days.iter().map(|(k, d)| (d.used, k.clone())).collect();
+        let mut by_use: Vec<(u64, String, NaiveDate)> = self
+            .installs
+            .iter()
+            .flat_map(|(install, days)| {
+                days.iter()
+                    .map(move |(day, d)| (d.used, install.clone(), *day))
+            })
+            .collect();
         by_use.sort_unstable();
         let target = self.max_ids / 10 * 9;
-        for (_, key) in by_use {
+        for (_, install, day) in by_use {
             if self.ids <= target {
                 break;
             }
-            self.forget(std::iter::once(&key));
+            self.forget([(install.as_str(), day)]);
         }
     }
 }
@@ -279,22 +291,24 @@ mod tests {
     #[test]
     fn a_day_not_read_is_unknown_and_a_read_one_answers() {
         let mut seen = SeenIds::new(100);
-        let key = ("i1".to_string(), day("2026-12-01"));
-        assert_eq!(seen.contains("i1", key.1, 7), None);
-        assert_eq!(seen.missing([&key]), vec![key.clone()]);
-        seen.insert_read(key.clone(), HashSet::from([7]), None);
-        assert_eq!(seen.contains("i1", key.1, 7), Some(true));
-        assert_eq!(seen.contains("i1", key.1, 8), Some(false));
-        seen.add("i1", key.1, 8);
-        seen.add("i1", key.1, 8);
-        assert_eq!(seen.contains("i1", key.1, 8), Some(true));
+        let key = ("i1", day("2026-12-01"));
+        assert_eq!(seen.contains(key, 7), None);
+        assert_eq!(seen.missing([key]), vec![("i1".to_string(), key.1)]);
+        seen.insert_read(("i1".to_string(), key.1), HashSet::from([7]), None);
+        assert_eq!(seen.contains(key, 7), Some(true));
+        assert_eq!(seen.contains(key, 8), Some(false));
+        assert!(seen.missing([key]).is_empty());
+        seen.add(key, 8);
+        seen.add(key, 8);
+        assert_eq!(seen.contains(key, 8), Some(true));
         assert_eq!(seen.ids(), 2);
         // Adding to a day not kept keeps nothing (it is read whole later).
-        seen.add("i2", key.1, 9);
-        assert_eq!(seen.contains("i2", key.1, 9), None);
-        seen.forget([&key]);
-        assert_eq!(seen.contains("i1", key.1, 7), None);
+        seen.add(("i2", key.1), 9);
+        assert_eq!(seen.contains(("i2", key.1), 9), None);
+        seen.forget([key]);
+        assert_eq!(seen.contains(key, 7), None);
         assert_eq!(seen.ids(), 0);
+        assert_eq!(seen.days(), 0);
     }
 
     #[test]
@@ -324,11 +338,11 @@ mod tests {
                 (0..4).map(|x| x + 10 * n as u128).collect(),
                 None,
             );
-            seen.touch_and_trim([key]);
+            seen.touch_and_trim([(key.0.as_str(), key.1)]);
         }
         // 16 ids > 10: the oldest go until at most 9 are left.
         assert!(seen.ids() <= 9, "{}", seen.ids());
-        assert_eq!(seen.contains("i3", keys[3].1, 30), Some(true));
-        assert_eq!(seen.contains("i0", keys[0].1, 0), None);
+        assert_eq!(seen.contains(("i3", keys[3].1), 30), Some(true));
+        assert_eq!(seen.contains(("i0", keys[0].1), 0), None);
     }
 }
