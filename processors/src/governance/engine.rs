@@ -67,6 +67,16 @@ pub enum EngineError {
     Kafka(String),
 }
 
+impl EngineError {
+    /// Whether a retry can cure it (Kafka faults always pass).
+    pub fn verdict(&self) -> usage_service_kit::retry::Verdict {
+        match self {
+            EngineError::ClickHouse(e) => usage_service_kit::retry::clickhouse_verdict(e),
+            EngineError::Kafka(_) => usage_service_kit::retry::Verdict::Transient,
+        }
+    }
+}
+
 #[derive(Debug, Row, Serialize)]
 struct DecisionRow {
     decision_id: String,
@@ -175,6 +185,59 @@ const IDS_PER_QUERY: usize = 2_000;
 
 fn month_date(key: &str) -> chrono::NaiveDate {
     periods::parse_month_key(key).unwrap_or_default()
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The raw rows with each event once, by the table's key (installation,
+/// day, event id): a copy stored twice (two owners during a rebalance)
+/// counts once until a merge drops it, at its first arrival.
+fn distinct_events(rows: Vec<RawCount>) -> Vec<RawCount> {
+    let keep: Vec<bool> = {
+        let mut seen: HashSet<(&str, i64, &str)> = HashSet::with_capacity(rows.len());
+        rows.iter()
+            .map(|r| {
+                seen.insert((
+                    r.install_id.as_str(),
+                    r.created_at.div_euclid(DAY_MS),
+                    r.event_id.as_str(),
+                ))
+            })
+            .collect()
+    };
+    rows.into_iter()
+        .zip(keep)
+        .filter_map(|(r, keep)| keep.then_some(r))
+        .collect()
+}
+
+/// The earliest governance time among the events of each installation's
+/// first day (`first_days`: its start, in ms), taken from `rows`, which
+/// hold every event of these installations.
+fn first_event_of(
+    installs: &[&String],
+    rows: &[RawCount],
+    first_days: &HashMap<String, i64>,
+    grace: i64,
+) -> Vec<(String, i64)> {
+    let wanted: HashSet<&str> = installs.iter().map(|i| i.as_str()).collect();
+    let mut first: HashMap<&str, i64> = HashMap::new();
+    for r in rows {
+        let id = r.install_id.as_str();
+        if !wanted.contains(id) {
+            continue;
+        }
+        let Some(day) = first_days.get(id) else {
+            continue;
+        };
+        if r.created_at.div_euclid(DAY_MS) * DAY_MS != *day {
+            continue;
+        }
+        let t = periods::governance_time(r.created_at, r.received_at, grace);
+        let f = first.entry(id).or_insert(t);
+        *f = (*f).min(t);
+    }
+    first.into_iter().map(|(i, t)| (i.to_string(), t)).collect()
 }
 
 impl Engine {
@@ -312,65 +375,15 @@ impl Engine {
         // Governance time in SQL, as `periods::governance_time` computes it.
         const T: &str = "greatest(least(toUnixTimestamp64Milli(created_at), toUnixTimestamp64Milli(received_at)),
                                    toUnixTimestamp64Milli(received_at) - {grace:Int64})";
-        let rows: Vec<RawCount> = ch
-            .query(
-                "SELECT install_id, event_id, toUnixTimestamp64Milli(created_at) AS created_at,
-                        toUnixTimestamp64Milli(received_at) AS received_at, total_tokens,
-                        formatDateTime(billing_month, '%Y-%m') AS billing_month
-                 FROM usage_events FINAL
-                 WHERE install_id IN {ids:Array(String)} AND received_at >= fromUnixTimestamp64Milli({since:Int64})
-                 ORDER BY install_id, received_at, created_at, event_id",
-            )
-            .param("ids", new)
-            .param("since", since)
-            .fetch_all()
-            .await?;
-        let baseline_since = since.div_euclid(HOUR_MS) * HOUR_MS - (BASELINE_HOURS + 1) * HOUR_MS;
-        let hourly: Vec<(String, i64, u64)> = ch
-            .query(&format!(
-                "SELECT install_id, intDiv({T}, 3600000) * 3600000 AS hour, count()
-                 FROM usage_events FINAL
-                 WHERE install_id IN {{ids:Array(String)}} AND received_at >= fromUnixTimestamp64Milli({{since:Int64}})
-                 GROUP BY install_id, hour"
-            ))
-            .param("ids", new)
-            .param("since", baseline_since)
-            .param("grace", grace)
-            .fetch_all()
-            .await?;
-        // The first event: read from the raw events of the installation's
-        // first day (cheap: the sorting key starts with install_id and day),
-        // or that day's start once raw events have expired.
-        let first_days: Vec<(String, i64)> = ch
-            .query(
-                "SELECT install_id, toInt64(toUnixTimestamp(toDateTime(min(date)))) * 1000
-                 FROM usage_daily WHERE install_id IN {ids:Array(String)} GROUP BY install_id",
-            )
-            .param("ids", new)
-            .fetch_all()
-            .await?;
-        let first_events: Vec<(String, i64)> = ch
-            .query(&format!(
-                "SELECT install_id, min({T}) FROM usage_events
-                 WHERE install_id IN {{ids:Array(String)}}
-                   AND (install_id, toDate(created_at)) IN
-                       (SELECT install_id, min(date) FROM usage_daily
-                        WHERE install_id IN {{ids:Array(String)}} GROUP BY install_id)
-                 GROUP BY install_id"
-            ))
-            .param("ids", new)
-            .param("grace", grace)
-            .fetch_all()
-            .await?;
-        let alerts: Vec<(String, String, i64)> = ch
-            .query(
-                "SELECT install_id, kind, toUnixTimestamp64Milli(at) FROM governance_decisions FINAL
-                 WHERE install_id IN {ids:Array(String)} AND kind IN ('cap_warning', 'cap_critical', 'blocked')
-                   AND at >= now64(3) - INTERVAL 2 DAY",
-            )
-            .param("ids", new)
-            .fetch_all()
-            .await?;
+        // Installations registered after `since` (with a grace's margin
+        // for the gateways' clocks) have every event in the raw rows read
+        // below: their first event comes from those rows, not from a query.
+        let (young, old): (Vec<&String>, Vec<&String>) = new.iter().partition(|id| {
+            self.setup
+                .plans
+                .registered_at(id)
+                .is_some_and(|r| r.saturating_sub(grace) >= since)
+        });
         // The published states that counted an event still stored, outside
         // this batch: those are this installation's own timeline (not that
         // of another run over other data, as in a replay into an empty
@@ -381,29 +394,134 @@ impl Engine {
             .filter(|s| s.received_through > 0)
             .map(|s| (s.install_id.clone(), s))
             .collect();
+        let marks: Vec<(String, i64)> = published
+            .values()
+            .map(|s| (s.install_id.clone(), s.received_through))
+            .collect();
+        // Events reach at most a few months back (the gateway refuses
+        // events older than 80 days) and bill to the month they arrive in.
+        let months_from = periods::month_key(
+            periods::month_start(since.min(chrono::Utc::now().timestamp_millis()))
+                .checked_sub_months(chrono::Months::new(3))
+                .unwrap_or_default(),
+        );
+        // ClickHouse's last Date: every month from `months_from` on.
+        let last_date = chrono::NaiveDate::from_ymd_opt(2149, 6, 6).unwrap_or_default();
+        let baseline_since = since.div_euclid(HOUR_MS) * HOUR_MS - (BASELINE_HOURS + 1) * HOUR_MS;
+
+        // Independent reads, run at once: the rebuild waits for the slowest
+        // rather than their sum. None reads `FINAL`: the raw rows are
+        // deduplicated here and the hourly counts by the table's key, and
+        // the monthly rollup sums (a SummingMergeTree's parts add up).
+        let rows = async {
+            ch.query(
+                "SELECT install_id, event_id, toUnixTimestamp64Milli(created_at) AS created_at,
+                        toUnixTimestamp64Milli(received_at) AS received_at, total_tokens,
+                        formatDateTime(billing_month, '%Y-%m') AS billing_month
+                 FROM usage_events
+                 WHERE install_id IN {ids:Array(String)} AND received_at >= fromUnixTimestamp64Milli({since:Int64})
+                 ORDER BY install_id, received_at, created_at, event_id",
+            )
+            .param("ids", new)
+            .param("since", since)
+            .fetch_all::<RawCount>()
+            .await
+            .map_err(EngineError::from)
+        };
+        let hourly = async {
+            ch.query(&format!(
+                "SELECT install_id, intDiv({T}, 3600000) * 3600000 AS hour,
+                        uniqExact(toDate(created_at), event_id)
+                 FROM usage_events
+                 WHERE install_id IN {{ids:Array(String)}} AND received_at >= fromUnixTimestamp64Milli({{since:Int64}})
+                 GROUP BY install_id, hour"
+            ))
+            .param("ids", new)
+            .param("since", baseline_since)
+            .param("grace", grace)
+            .fetch_all::<(String, i64, u64)>()
+            .await
+            .map_err(EngineError::from)
+        };
+        // The first day (its start once raw events have expired) and the
+        // first event on it (cheap: the sorting key starts with install_id
+        // and day); the young installations' first events are in `rows`.
+        let first_days = async {
+            ch.query(
+                "SELECT install_id, toInt64(toUnixTimestamp(toDateTime(min(date)))) * 1000
+                 FROM usage_daily WHERE install_id IN {ids:Array(String)} GROUP BY install_id",
+            )
+            .param("ids", new)
+            .fetch_all::<(String, i64)>()
+            .await
+            .map_err(EngineError::from)
+        };
+        let first_events = async {
+            if old.is_empty() {
+                return Ok(Vec::new());
+            }
+            ch.query(&format!(
+                "SELECT install_id, min({T}) FROM usage_events
+                 WHERE install_id IN {{ids:Array(String)}}
+                   AND (install_id, toDate(created_at)) IN
+                       (SELECT install_id, min(date) FROM usage_daily
+                        WHERE install_id IN {{ids:Array(String)}} GROUP BY install_id)
+                 GROUP BY install_id"
+            ))
+            .param("ids", &old)
+            .param("grace", grace)
+            .fetch_all::<(String, i64)>()
+            .await
+            .map_err(EngineError::from)
+        };
+        let alerts = async {
+            ch.query(
+                "SELECT install_id, kind, toUnixTimestamp64Milli(at) FROM governance_decisions FINAL
+                 WHERE install_id IN {ids:Array(String)} AND kind IN ('cap_warning', 'cap_critical', 'blocked')
+                   AND at >= now64(3) - INTERVAL 2 DAY",
+            )
+            .param("ids", new)
+            .fetch_all::<(String, String, i64)>()
+            .await
+            .map_err(EngineError::from)
+        };
+        let found = async {
+            if marks.is_empty() {
+                return Ok(Vec::new());
+            }
+            ch.query(
+                "SELECT install_id, event_id FROM usage_events
+                 WHERE (install_id, toUnixTimestamp64Milli(received_at)) IN {marks:Array(Tuple(String, Int64))}",
+            )
+            .param("marks", &marks)
+            .fetch_all::<(String, String)>()
+            .await
+            .map_err(EngineError::from)
+        };
+        let totals = self.billed_months(new, month_date(&months_from), last_date);
+        let (rows, hourly, first_days, first_events, alerts, found, mut totals) = tokio::try_join!(
+            rows,
+            hourly,
+            first_days,
+            first_events,
+            alerts,
+            found,
+            totals
+        )?;
+
         let mut continued: HashSet<String> = HashSet::new();
-        if !published.is_empty() {
-            let marks: Vec<(String, i64)> = published
-                .values()
-                .map(|s| (s.install_id.clone(), s.received_through))
-                .collect();
-            let found: Vec<(String, String)> = ch
-                .query(
-                    "SELECT install_id, event_id FROM usage_events
-                     WHERE (install_id, toUnixTimestamp64Milli(received_at)) IN {marks:Array(Tuple(String, Int64))}",
-                )
-                .param("marks", &marks)
-                .fetch_all()
-                .await?;
-            for (install, event) in found {
-                let in_batch = batch
-                    .get(install.as_str())
-                    .is_some_and(|items| items.iter().any(|i| i.event.event_id == event));
-                if !in_batch {
-                    continued.insert(install);
-                }
+        for (install, event) in found {
+            let in_batch = batch
+                .get(install.as_str())
+                .is_some_and(|items| items.iter().any(|i| i.event.event_id == event));
+            if !in_batch {
+                continued.insert(install);
             }
         }
+        let rows = distinct_events(rows);
+        let first_days: HashMap<String, i64> = first_days.into_iter().collect();
+        let mut first_events: HashMap<String, i64> = first_events.into_iter().collect();
+        first_events.extend(first_event_of(&young, &rows, &first_days, grace));
 
         let mut rebuilt: HashMap<String, Installation> = new
             .iter()
@@ -433,8 +551,6 @@ impl Engine {
         for (install, hour, n) in hourly {
             baselines.entry(install).or_default().insert(hour, n);
         }
-        let first_days: HashMap<String, i64> = first_days.into_iter().collect();
-        let first_events: HashMap<String, i64> = first_events.into_iter().collect();
         for (id, state) in &mut rebuilt {
             let mut hourly = baselines.remove(id).unwrap_or_default();
             for i in batch.get(id.as_str()).into_iter().flatten() {
@@ -489,18 +605,6 @@ impl Engine {
             };
             before_batch.insert((id.clone(), month.clone()));
         }
-        // Events reach at most a few months back (the gateway refuses
-        // events older than 80 days) and bill to the month they arrive in.
-        let months_from = periods::month_key(
-            periods::month_start(since.min(chrono::Utc::now().timestamp_millis()))
-                .checked_sub_months(chrono::Months::new(3))
-                .unwrap_or_default(),
-        );
-        // ClickHouse's last Date: every month from `months_from` on.
-        let last_date = chrono::NaiveDate::from_ymd_opt(2149, 6, 6).unwrap_or_default();
-        let mut totals = self
-            .billed_months(new, month_date(&months_from), last_date)
-            .await?;
         // This batch's events are counted by the caller, as they are evaluated.
         for (id, items) in batch {
             for i in items {
@@ -611,7 +715,7 @@ impl Engine {
                 "SELECT install_id,
                         formatDateTime(if(late_billing_month = toDate(0), month, late_billing_month), '%Y-%m') AS billed,
                         sum(requests)
-                 FROM usage_monthly FINAL
+                 FROM usage_monthly
                  WHERE install_id IN {ids:Array(String)} AND month >= {from:Date} AND month <= {to:Date}
                  GROUP BY install_id, billed",
             )
@@ -1092,5 +1196,72 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(install: &str, event: &str, created_at: i64, received_at: i64) -> RawCount {
+        RawCount {
+            install_id: install.into(),
+            event_id: event.into(),
+            created_at,
+            received_at,
+            total_tokens: 1,
+            billing_month: "2026-12".into(),
+        }
+    }
+
+    #[test]
+    fn an_event_stored_twice_counts_once_at_its_first_arrival() {
+        let day = 20_000 * DAY_MS;
+        let rows = vec![
+            raw("a", "e1", day + 10, day + 10),
+            raw("a", "e2", day + 20, day + 20),
+            raw("a", "e1", day + 10, day + 30),
+            // The same id on another day is another event (the table's key).
+            raw("a", "e1", day + DAY_MS + 5, day + DAY_MS + 5),
+            // Ids are unique per installation only.
+            raw("b", "e1", day + 10, day + 10),
+        ];
+        let kept: Vec<(String, String, i64)> = distinct_events(rows)
+            .into_iter()
+            .map(|r| (r.install_id, r.event_id, r.received_at))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                ("a".into(), "e1".into(), day + 10),
+                ("a".into(), "e2".into(), day + 20),
+                ("a".into(), "e1".into(), day + DAY_MS + 5),
+                ("b".into(), "e1".into(), day + 10),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_first_event_is_the_earliest_governance_time_of_the_first_day() {
+        let day = 20_000 * DAY_MS;
+        let grace = 60_000;
+        let rows = vec![
+            // Dated an hour before it arrived: clamped to arrival - grace.
+            raw("a", "e1", day + 3_600_000, day + 7_200_000),
+            raw("a", "e2", day + 7_000_000, day + 7_000_000),
+            // Next day: earlier governance time, yet not on the first day
+            // (as ClickHouse's query over the first day has it).
+            raw("a", "e3", day + DAY_MS + 1, day + 6_000_000),
+            raw("b", "e1", day + 5, day + 5),
+            raw("c", "e1", day + 5, day + 5),
+        ];
+        let first_days: HashMap<String, i64> =
+            [("a".to_string(), day), ("b".to_string(), day)].into();
+        let a = "a".to_string();
+        let c = "c".to_string();
+        let mut first = first_event_of(&[&a, &c], &rows, &first_days, grace);
+        first.sort();
+        // b is not asked for; c has no first day (no daily row yet).
+        assert_eq!(first, vec![("a".to_string(), day + 7_000_000)]);
     }
 }
