@@ -59,6 +59,16 @@ pub struct Config {
         default_value_t = 60
     )]
     pub price_refresh_secs: u64,
+    /// Seconds between retries of a step that failed for a reason no retry
+    /// cures (a missing table or column, refused grants): the stage is
+    /// marked stalled (`/ready`, `usage_processor_stalled_stages`) and
+    /// resumes within this long of the fix. Never below 5 s.
+    #[arg(
+        long,
+        env = "USAGE_PROCESSORS_PERMANENT_RETRY_SECS",
+        default_value_t = 30
+    )]
+    pub permanent_retry_secs: u64,
     #[command(flatten)]
     pub governance: GovernanceArgs,
     /// How far apart two gateways' received_at may be for events of one
@@ -120,6 +130,7 @@ mod tests {
         assert_eq!(c.group, "usage-processors");
         assert_eq!(c.clickhouse.url, "http://127.0.0.1:8123");
         assert_eq!(c.clickhouse.database, "usage");
+        assert_eq!(c.permanent_retry_secs, 30);
     }
 
     #[test]

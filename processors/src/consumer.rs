@@ -24,6 +24,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use usage_schemas::wire::AvroRecord;
 use usage_schemas::UsageEvent;
+use usage_service_kit::retry::{clickhouse_verdict, message_verdict, Backoff, Stalls, Verdict};
 
 use crate::governance::engine::Engine;
 use crate::ledger::{Ledger, Range, RecordedBatch};
@@ -159,6 +160,10 @@ pub struct EventsConsumer {
     /// The Kafka client settings, for the reader that fetches the offsets
     /// of a batch to redo.
     pub kafka: rdkafka::ClientConfig,
+    /// Stages held up by a permanent fault (shown by `/ready`).
+    pub stalls: Stalls,
+    /// The wait between retries of a permanent fault.
+    pub permanent_retry: Duration,
 }
 
 /// What `collect` gathered: a batch, and plan changes to re-evaluate.
@@ -217,18 +222,46 @@ impl Collected {
     }
 }
 
-/// Waits `delay` before a retry, then doubles it (up to 5 s); false when
-/// shutdown came first.
-async fn back_off(delay: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(*delay) => {}
-        _ = shutdown.changed() => return false,
-    }
-    *delay = (*delay * 2).min(Duration::from_secs(5));
-    true
-}
-
 impl EventsConsumer {
+    /// After a failed step of `stage`: counts and logs it, marks the stage
+    /// stalled while no retry can cure the fault (a metric and `/ready`,
+    /// so an operator is paged: nothing is skipped, the partition waits),
+    /// and waits before the retry. False when shutdown came first.
+    async fn retry_after(
+        &self,
+        stage: &'static str,
+        err: &(dyn std::fmt::Display + Sync),
+        verdict: Verdict,
+        backoff: &mut Backoff,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        self.metrics
+            .errors
+            .with_label_values(&[stage, verdict.as_str()])
+            .inc();
+        match verdict {
+            Verdict::Transient => {
+                tracing::warn!(%err, stage, "failed; retrying");
+            }
+            Verdict::Permanent => {
+                tracing::error!(%err, stage, "failed for a reason no retry cures (schema, grants): the partition waits for an operator; nothing is skipped");
+                self.stalls.stalled(stage, err.to_string());
+                self.metrics.stalled.set(self.stalls.count() as i64);
+            }
+        }
+        backoff.wait_unless(verdict, shutdown).await
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::default().with_permanent(self.permanent_retry)
+    }
+
+    /// `stage` succeeded: it is no longer stalled.
+    fn moving(&self, stage: &'static str) {
+        self.stalls.moving(stage);
+        self.metrics.stalled.set(self.stalls.count() as i64);
+    }
+
     /// Consumes until `shutdown` turns true; the batch in hand is finished first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut flushes = 0u64;
@@ -315,14 +348,20 @@ impl EventsConsumer {
         done: Option<&RecordedBatch>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = self.backoff();
         loop {
             match self.ledger.record(batch, done).await {
-                Ok(()) => return true,
+                Ok(()) => {
+                    self.moving("ledger");
+                    return true;
+                }
                 Err(err) => {
                     self.metrics.flush_errors.inc();
-                    tracing::warn!(%err, retry_in = ?delay, "recording the batch in the ledger failed; retrying");
-                    if !back_off(&mut delay, shutdown).await {
+                    let verdict = clickhouse_verdict(&err);
+                    if !self
+                        .retry_after("ledger", &err, verdict, &mut backoff, shutdown)
+                        .await
+                    {
                         return false;
                     }
                 }
@@ -376,22 +415,26 @@ impl EventsConsumer {
         shutdown: &mut watch::Receiver<bool>,
         flushes: &mut u64,
     ) -> Option<BTreeMap<i32, i64>> {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = self.backoff();
         let (owned, batches) = loop {
             match self.unfinished().await {
                 Ok(found) => break found,
                 Err(err) => {
-                    tracing::warn!(%err, retry_in = ?delay, "reading the batch ledger failed; retrying");
-                    if !back_off(&mut delay, shutdown).await {
+                    let verdict = message_verdict(&err);
+                    if !self
+                        .retry_after("ledger", &err, verdict, &mut backoff, shutdown)
+                        .await
+                    {
                         return None;
                     }
                 }
             }
         };
+        self.moving("ledger");
         let mut through = BTreeMap::new();
         for batch in batches {
             tracing::info!(batch = %batch.id, ranges = ?batch.ranges, "redoing an unfinished batch with its recorded offsets");
-            let mut delay = Duration::from_millis(100);
+            let mut backoff = self.backoff();
             let read = loop {
                 let reader = self.kafka.clone();
                 let topic = self.topic.clone();
@@ -404,8 +447,11 @@ impl EventsConsumer {
                 match fetched {
                     Ok(read) => break read,
                     Err(err) => {
-                        tracing::warn!(%err, retry_in = ?delay, "reading a batch to redo failed; retrying");
-                        if !back_off(&mut delay, shutdown).await {
+                        let verdict = Verdict::Transient;
+                        if !self
+                            .retry_after("redo-read", &err, verdict, &mut backoff, shutdown)
+                            .await
+                        {
                             return None;
                         }
                     }
@@ -566,15 +612,18 @@ impl EventsConsumer {
         report: &FlushReport,
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = self.backoff();
         let governed = self
             .governance
             .to_govern(events, &report.fresh, &report.stored);
         // Counting happens once; only publishing is retried (see Engine).
         let mut result = self.governance.on_batch(events, &governed).await;
         while let Err(err) = result {
-            tracing::warn!(%err, retry_in = ?delay, "governance failed; retrying");
-            if !back_off(&mut delay, shutdown).await {
+            let verdict = err.verdict();
+            if !self
+                .retry_after("governance", &err, verdict, &mut backoff, shutdown)
+                .await
+            {
                 return false;
             }
             result = if self.governance.has_unpublished() {
@@ -584,6 +633,7 @@ impl EventsConsumer {
                 self.governance.on_batch(events, &governed).await
             };
         }
+        self.moving("governance");
         true
     }
 
@@ -596,7 +646,7 @@ impl EventsConsumer {
         report: &FlushReport,
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = self.backoff();
         let installs = || events.iter().map(|e| e.install_id.as_str());
         loop {
             match rollup::delete_erased_meanwhile(
@@ -607,6 +657,7 @@ impl EventsConsumer {
             .await
             {
                 Ok(deleted) => {
+                    self.moving("erasure-check");
                     for install in &deleted {
                         if let Err(err) = self.governance.erased(install).await {
                             tracing::warn!(%err, %install, "governance tombstone after an erasure failed");
@@ -615,8 +666,11 @@ impl EventsConsumer {
                     return true;
                 }
                 Err(err) => {
-                    tracing::warn!(%err, retry_in = ?delay, "looking for erasures failed; retrying");
-                    if !back_off(&mut delay, shutdown).await {
+                    let verdict = clickhouse_verdict(&err);
+                    if !self
+                        .retry_after("erasure-check", &err, verdict, &mut backoff, shutdown)
+                        .await
+                    {
                         return false;
                     }
                 }
@@ -693,7 +747,7 @@ impl EventsConsumer {
         abort_after_deltas: bool,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<FlushReport> {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = self.backoff();
         loop {
             let prices = self
                 .prices
@@ -735,13 +789,18 @@ impl EventsConsumer {
                     self.metrics.duplicates.inc_by(duplicates as u64);
                     self.metrics.erased.inc_by(report.erased as u64);
                     tracing::debug!(inserted = report.inserted, duplicates, "batch written");
+                    self.moving("write");
                     return Some(report);
                 }
                 Err(err) => {
                     timer.stop_and_discard();
                     self.metrics.flush_errors.inc();
-                    tracing::warn!(%err, retry_in = ?delay, events = events.len(), "ClickHouse write failed; retrying the same batch");
-                    if !back_off(&mut delay, shutdown).await {
+                    // The same batch again: its tokens make a retry add nothing twice.
+                    let verdict = clickhouse_verdict(&err);
+                    if !self
+                        .retry_after("write", &err, verdict, &mut backoff, shutdown)
+                        .await
+                    {
                         return None;
                     }
                 }

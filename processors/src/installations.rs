@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use usage_schemas::wire::AvroRecord;
 use usage_schemas::Installation;
+use usage_service_kit::retry::{clickhouse_verdict, Backoff, Verdict};
 
 #[derive(Debug, Row, Serialize)]
 struct MetadataRow {
@@ -134,14 +135,20 @@ pub async fn run(
                 None => {}
             }
         }
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         while let Err(err) = write_unless_erased(&client, &mut rows).await {
-            tracing::warn!(%err, rows = rows.len(), "installation_metadata write failed; retrying");
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(delay) => {}
+            let verdict = clickhouse_verdict(&err);
+            match verdict {
+                Verdict::Transient => {
+                    tracing::warn!(%err, rows = rows.len(), "installation_metadata write failed; retrying");
+                }
+                Verdict::Permanent => {
+                    tracing::error!(%err, rows = rows.len(), "installation_metadata write failed for a reason no retry cures (schema, grants); retrying until fixed");
+                }
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
+            if !backoff.wait_unless(verdict, &mut shutdown).await {
+                return;
+            }
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in &offsets {

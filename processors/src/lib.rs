@@ -81,24 +81,22 @@ async fn keep_prices(
     loaded: watch::Sender<bool>,
     refresh: Duration,
 ) {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = usage_service_kit::retry::Backoff::default();
     loop {
         match PriceTable::load(&client).await {
             Ok(table) if !table.is_empty() => {
                 *prices.write().unwrap_or_else(|p| p.into_inner()) = table;
                 let _ = loaded.send(true);
                 tokio::time::sleep(refresh).await;
-                delay = Duration::from_millis(200);
+                backoff.reset();
             }
             Ok(_) => {
                 tracing::error!("model_prices is empty: run usage-migrate");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
             Err(err) => {
                 tracing::warn!(%err, "cannot load prices yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
         }
     }
@@ -155,6 +153,7 @@ impl Service for Processors {
             .create()
             .map_err(|e| ProcessorError::Startup(format!("Kafka producer: {e}")))?;
         let processor_metrics = metrics::ProcessorMetrics::register(&metrics);
+        let stalls = usage_service_kit::retry::Stalls::default();
         let engine = governance::engine::Engine::new(governance::engine::EngineSetup {
             policy,
             windows: governance::window::WindowConfig {
@@ -206,6 +205,8 @@ impl Service for Processors {
                 group: config.group.clone(),
             },
             kafka: config.kafka.client_config(),
+            stalls: stalls.clone(),
+            permanent_retry: Duration::from_secs(config.permanent_retry_secs),
         };
         let mut events_shutdown = shutdown_rx.clone();
         let events_task = tokio::spawn(async move {
@@ -243,7 +244,11 @@ impl Service for Processors {
         );
         let installations_task = tokio::spawn(installations);
 
-        let probes = vec![config.kafka.probe(), config.clickhouse.probe()];
+        let probes = vec![
+            config.kafka.probe(),
+            config.clickhouse.probe(),
+            stalls.probe(),
+        ];
         let http = HttpService::start(
             SERVICE,
             openapi_document(),

@@ -1,6 +1,8 @@
 //! The processors' Prometheus metrics.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
 use usage_service_kit::Metrics;
 
 #[derive(Clone)]
@@ -11,6 +13,11 @@ pub struct ProcessorMetrics {
     pub erased: IntCounter,
     pub undecodable: IntCounter,
     pub flush_errors: IntCounter,
+    /// Failed steps by stage and kind (`transient`: retried soon;
+    /// `permanent`: schema or grants, retried slowly until fixed).
+    pub errors: IntCounterVec,
+    /// Stages held up by a permanent fault right now (alert when > 0).
+    pub stalled: IntGauge,
     pub commit_errors: IntCounter,
     pub flush_seconds: Histogram,
     /// The flush's steps: `lookup` (erasures, stored ids), `deltas`, `raw`.
@@ -95,7 +102,24 @@ impl ProcessorMetrics {
         )
         .expect("static metric definition");
         metrics.register(Box::new(consumer_lag.clone()));
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "processor_errors_total",
+                "failed steps by stage (write, ledger, governance, erasure-check, redo-read) and kind (transient, permanent)",
+            ),
+            &["stage", "kind"],
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(errors.clone()));
+        let stalled = IntGauge::new(
+            "processor_stalled_stages",
+            "stages held up by a permanent fault (a missing table or column, refused grants): page an operator",
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(stalled.clone()));
         Self {
+            errors,
+            stalled,
             redone_batches: counter(
                 metrics,
                 "processor_batches_redone_total",

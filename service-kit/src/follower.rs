@@ -26,12 +26,11 @@ pub trait Table: Send + Sync + 'static {
 /// Follows `topic` into `table` until the process ends; reconnects and
 /// resumes from the beginning on Kafka errors (applying is idempotent).
 pub async fn follow<T: Table>(table: std::sync::Arc<T>, kafka: KafkaArgs, topic: String) {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = crate::retry::Backoff::default();
     loop {
         if let Err(err) = follow_once(&*table, &kafka, &topic).await {
             tracing::warn!(%err, %topic, "follower restarting");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+            backoff.wait().await;
         }
     }
 }

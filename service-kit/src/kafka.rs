@@ -134,11 +134,10 @@ impl KafkaArgs {
     pub fn ensure_topics_in_background(&self) -> tokio::task::JoinHandle<()> {
         let kafka = self.clone();
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(200);
+            let mut backoff = crate::retry::Backoff::default();
             while let Err(err) = kafka.ensure_topics().await {
                 tracing::warn!(%err, "could not ensure topics yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
         })
     }

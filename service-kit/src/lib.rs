@@ -5,6 +5,8 @@
 //! - `health`: `/health` (process alive) and `/ready` (dependencies answer);
 //! - `kafka` and `clickhouse`: typed connection settings, clients and probes;
 //! - `server`: binding the HTTP listener and serving until shutdown;
+//! - `retry`: the backoff and the verdict on ClickHouse errors (transient
+//!   or permanent) that every retry loop shares;
 //! - `policy` and `periods`: the governance rules and clocks that gateways
 //!   (admission, over-limit marks) and processors (decisions) must share.
 
@@ -16,6 +18,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod periods;
 pub mod policy;
+pub mod retry;
 pub mod server;
 pub mod service;
 pub mod telemetry;
