@@ -13,7 +13,7 @@
 //! poison message must not stop billing for everyone).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ use crate::rollup::{self, FlushReport};
 pub struct RebalanceWatch {
     revoked: Arc<AtomicBool>,
     assigned: Arc<AtomicBool>,
+    /// When the latest assignment came (ms, wall clock; 0 before any).
+    assigned_at: Arc<AtomicI64>,
     lag: Option<(String, prometheus::IntGaugeVec)>,
 }
 
@@ -62,6 +64,11 @@ impl RebalanceWatch {
     /// True once after every assignment.
     fn take_assigned(&self) -> bool {
         self.assigned.swap(false, Ordering::SeqCst)
+    }
+
+    /// When the latest assignment came (ms), if any came.
+    fn assigned_at(&self) -> Option<i64> {
+        Some(self.assigned_at.load(Ordering::SeqCst)).filter(|t| *t > 0)
     }
 }
 
@@ -96,6 +103,8 @@ impl ConsumerContext for RebalanceWatch {
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if matches!(rebalance, Rebalance::Assign(_)) {
+            self.assigned_at
+                .store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
             self.assigned.store(true, Ordering::SeqCst);
         }
     }
@@ -613,6 +622,8 @@ impl EventsConsumer {
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
         let mut backoff = self.backoff();
+        self.governance
+            .assigned_at(self.consumer.context().assigned_at());
         let governed = self
             .governance
             .to_govern(events, &report.fresh, &report.stored);
@@ -756,6 +767,7 @@ impl EventsConsumer {
                 .clone();
             let timer = self.metrics.flush_seconds.start_timer();
             let mut seen = self.seen.lock().await;
+            seen.assigned_at(self.consumer.context().assigned_at());
             let flushed = rollup::flush(
                 &self.clickhouse,
                 &batch.id,
@@ -782,6 +794,15 @@ impl EventsConsumer {
                             .observe(took.as_secs_f64());
                     }
                     self.metrics.inserted.inc_by(report.inserted as u64);
+                    for (how, n) in [
+                        ("read", report.days_read),
+                        ("known", report.days_known_empty),
+                    ] {
+                        self.metrics
+                            .seen_days_loaded
+                            .with_label_values(&[how])
+                            .inc_by(n as u64);
+                    }
                     // Every event of the batch is one of the three, so the
                     // counters add up to the events consumed (less the
                     // messages that did not decode).

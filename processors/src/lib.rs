@@ -184,7 +184,17 @@ impl Service for Processors {
             topic: config.kafka.events_topic.clone(),
             clickhouse: clickhouse.clone(),
             prices,
-            seen: tokio::sync::Mutex::new(rollup::seen::SeenIds::new(config.seen_ids_max)),
+            seen: tokio::sync::Mutex::new(
+                rollup::seen::SeenIds::new(config.seen_ids_max).with_ownership(
+                    rollup::seen::Ownership {
+                        registered_at: {
+                            let plans = plans.clone();
+                            Arc::new(move |install: &str| plans.registered_at(install))
+                        },
+                        clock_margin_ms: config.governance_arrival_skew_ms,
+                    },
+                ),
+            ),
             limits: BatchLimits {
                 max_events: config.batch_events,
                 max_wait: Duration::from_millis(config.batch_wait_ms),

@@ -22,6 +22,9 @@ pub struct ProcessorMetrics {
     pub flush_seconds: Histogram,
     /// The flush's steps: `lookup` (erasures, stored ids), `deltas`, `raw`.
     pub flush_phase_seconds: HistogramVec,
+    /// (installation, day) pairs first touched: `read` from ClickHouse, or
+    /// `known` empty (only this instance wrote them).
+    pub seen_days_loaded: IntCounterVec,
     /// Stored event ids kept in memory, and their (installation, day) pairs.
     pub seen_ids: IntGauge,
     pub seen_days: IntGauge,
@@ -111,6 +114,15 @@ impl ProcessorMetrics {
         )
         .expect("static metric definition");
         metrics.register(Box::new(errors.clone()));
+        let seen_days_loaded = IntCounterVec::new(
+            Opts::new(
+                "processor_seen_days_loaded_total",
+                "(installation, day) pairs first touched: read from ClickHouse, or known empty (only this instance wrote them)",
+            ),
+            &["how"],
+        )
+        .expect("static metric definition");
+        metrics.register(Box::new(seen_days_loaded.clone()));
         let stalled = IntGauge::new(
             "processor_stalled_stages",
             "stages held up by a permanent fault (a missing table or column, refused grants): page an operator",
@@ -120,6 +132,7 @@ impl ProcessorMetrics {
         Self {
             errors,
             stalled,
+            seen_days_loaded,
             redone_batches: counter(
                 metrics,
                 "processor_batches_redone_total",
@@ -195,6 +208,11 @@ impl ProcessorMetrics {
                     metrics,
                     "governance_installations_rebuilt_total",
                     "installations whose state was rebuilt from ClickHouse (first sight, rebalance, eviction)",
+                )),
+                started: Some(counter(
+                    metrics,
+                    "governance_installations_started_total",
+                    "installations registered after the takeover, started on first sight without reading ClickHouse",
                 )),
                 recovered: Some(counter(
                     metrics,

@@ -654,6 +654,126 @@ async fn an_idle_installation_leaves_memory_and_comes_back_with_the_same_counts(
     p.stop().await;
 }
 
+/// The sum of a labelled metric's series whose labels contain `labels`.
+async fn labelled(process: &ProcessorProcess, name: &str, labels: &str) -> u64 {
+    let text = http()
+        .get(format!("http://127.0.0.1:{}/metrics", process.port))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A site registered after the processor took its partitions over starts
+/// with no ClickHouse read (its stored ids and governance state are all
+/// the processor's own); once its state left memory, or after a restart,
+/// it is read back from ClickHouse with the same counts.
+#[tokio::test]
+async fn a_site_registered_after_the_takeover_is_started_without_reads_and_read_back_the_same() {
+    let p = Pipeline::start(false).await;
+    let group = unique("group");
+    let args = [
+        "--governance-idle-secs",
+        "1",
+        "--governance-arrival-skew-ms",
+        "100",
+    ];
+    let first = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &args);
+    wait_metric(&first, "usage_processor_assigned_partitions", |n| n == 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let site = Site::new(8);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    // The processor has read the registration (its mirror and its registry
+    // follow the same topic): before that, it reads ClickHouse to be safe.
+    p.wait_for_registry_mirror(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    base(0, 120_000, Within::Month).await;
+    send_now(&p, &site, 0..30, 30, 100).await;
+    wait_report(&p, &site, "30 requests in the window", |r| {
+        r["requests_left_in_window"] == 70
+    })
+    .await;
+    assert_eq!(
+        first
+            .metric("usage_governance_installations_started_total")
+            .await,
+        1
+    );
+    assert_eq!(
+        first
+            .metric("usage_governance_installations_rebuilt_total")
+            .await,
+        0
+    );
+    let loaded = "usage_processor_seen_days_loaded_total";
+    assert_eq!(
+        (
+            labelled(&first, loaded, "how=\"known\"").await,
+            labelled(&first, loaded, "how=\"read\"").await
+        ),
+        (1, 0),
+        "one day of the site, known empty"
+    );
+    // A resend is told from the ids kept: nothing moves.
+    send_now(&p, &site, 0..30, 30, 100).await;
+    wait_metric(&first, "usage_processor_events_duplicate_total", |n| {
+        n == 30
+    })
+    .await;
+
+    // Idle: its state leaves memory, and comes back from ClickHouse.
+    wait_metric(
+        &first,
+        "usage_governance_installations_evicted_total",
+        |n| n >= 1,
+    )
+    .await;
+    send_now(&p, &site, 30..40, 10, 100).await;
+    wait_report(&p, &site, "40 requests after the eviction", |r| {
+        r["requests_left_in_window"] == 60 && r["monthly_used"] == 40
+    })
+    .await;
+    assert_eq!(
+        first
+            .metric("usage_governance_installations_rebuilt_total")
+            .await,
+        1
+    );
+
+    // A restarted processor reads both back: the same counts go on.
+    first.kill().await;
+    let second = ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &args);
+    send_now(&p, &site, 30..45, 15, 100).await;
+    let r = wait_report(&p, &site, "45 requests after the restart", |r| {
+        r["requests_left_in_window"] == 55 && r["monthly_used"] == 45
+    })
+    .await;
+    assert_eq!(r["monthly_used"], 45);
+    assert_eq!(
+        second
+            .metric("usage_governance_installations_started_total")
+            .await,
+        0
+    );
+    assert!(labelled(&second, loaded, "how=\"read\"").await >= 1);
+    assert_eq!(
+        second
+            .metric("usage_processor_events_duplicate_total")
+            .await,
+        10
+    );
+    second.kill().await;
+    let [daily, install_daily, monthly] = p.rollup_requests(&site).await;
+    assert_eq!((daily, install_daily, monthly), (45, 45, 45));
+    p.stop().await;
+}
+
 #[tokio::test]
 async fn an_upgrade_unblocks_a_site_whose_processor_restarted_since_the_block() {
     let p = Pipeline::start(false).await;

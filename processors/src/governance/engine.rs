@@ -118,6 +118,8 @@ pub struct GovernanceMetrics {
     pub evicted: Option<prometheus::IntCounter>,
     /// Installations rebuilt from ClickHouse, and the time their queries took.
     pub rebuilt: Option<prometheus::IntCounter>,
+    /// Installations started without reading ClickHouse (`Engine::unseen`).
+    pub started: Option<prometheus::IntCounter>,
     /// Stored events an earlier attempt never governed, counted later.
     pub recovered: Option<prometheus::IntCounter>,
     pub rebuild_seconds: Option<prometheus::Histogram>,
@@ -177,11 +179,27 @@ pub struct Engine {
     unpublished: Option<(Vec<GovernanceState>, Vec<Decision>)>,
     last_sweep: Instant,
     decision_batches_stored: u64,
+    /// When the consumer took its partitions over (ms, this clock).
+    assigned_at: Option<i64>,
+    /// Installations registered after the takeover whose state left
+    /// memory since (idle, erased): those are rebuilt from ClickHouse.
+    lost: HashSet<String>,
 }
 
 /// Installation ids per ClickHouse query: they travel as a query parameter
 /// in the URL, which ClickHouse caps (`http_max_uri_size`, 1 MiB).
 const IDS_PER_QUERY: usize = 2_000;
+
+/// The first billing month a rebuild loads: events reach at most a few
+/// months back (the gateway refuses events older than 80 days) and bill
+/// to the month they arrive in.
+fn months_from(since: i64) -> String {
+    periods::month_key(
+        periods::month_start(since.min(chrono::Utc::now().timestamp_millis()))
+            .checked_sub_months(chrono::Months::new(3))
+            .unwrap_or_default(),
+    )
+}
 
 fn month_date(key: &str) -> chrono::NaiveDate {
     periods::parse_month_key(key).unwrap_or_default()
@@ -248,6 +266,39 @@ impl Engine {
             unpublished: None,
             decision_batches_stored: 0,
             last_sweep: Instant::now(),
+            assigned_at: None,
+            lost: HashSet::new(),
+        }
+    }
+
+    /// The time of the consumer's latest assignment (see `unseen`).
+    pub fn assigned_at(&mut self, at: Option<i64>) {
+        if at != self.assigned_at {
+            self.assigned_at = at;
+            self.lost.clear();
+        }
+    }
+
+    /// True when `install_id` was registered after this instance took its
+    /// partitions over (with the gateways' clock margin) and its state never
+    /// left memory since: every event it has went through this engine, so
+    /// ClickHouse holds nothing to rebuild it from but the batch's own.
+    fn unseen(&self, install_id: &str) -> bool {
+        let Some(since) = self.assigned_at else {
+            return false;
+        };
+        !self.lost.contains(install_id)
+            && self
+                .setup
+                .plans
+                .registered_at(install_id)
+                .is_some_and(|r| r >= since.saturating_add(self.setup.windows.skew_ms))
+    }
+
+    /// Remembers that a young installation's state left memory.
+    fn lose(&mut self, install_id: &str) {
+        if self.unseen(install_id) {
+            self.lost.insert(install_id.to_string());
         }
     }
 
@@ -286,6 +337,8 @@ impl Engine {
             );
         }
         self.installs.clear();
+        self.assigned_at = None;
+        self.lost.clear();
         self.report_size();
     }
 
@@ -293,6 +346,7 @@ impl Engine {
     /// its state leaves memory, and a tombstone follows on the governance
     /// topic any state this batch published after the erasure's own.
     pub async fn erased(&mut self, install_id: &str) -> Result<(), EngineError> {
+        self.lose(install_id);
         self.installs.remove(install_id);
         self.report_size();
         let record =
@@ -316,8 +370,16 @@ impl Engine {
         self.last_sweep = Instant::now();
         let before = self.installs.len();
         let idle_after = self.setup.idle_after;
-        self.installs
-            .retain(|_, held| held.touched.elapsed() < idle_after);
+        let idle: Vec<String> = self
+            .installs
+            .iter()
+            .filter(|(_, held)| held.touched.elapsed() >= idle_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &idle {
+            self.lose(id);
+            self.installs.remove(id);
+        }
         let evicted = before - self.installs.len();
         if evicted > 0 {
             tracing::debug!(evicted, "idle installations left memory");
@@ -338,11 +400,17 @@ impl Engine {
         since: i64,
         recovered_from: &HashMap<String, i64>,
     ) -> Result<(), EngineError> {
-        let new: Vec<String> = installs
+        let (unseen, new): (Vec<String>, Vec<String>) = installs
             .iter()
             .filter(|i| !self.installs.contains_key(**i))
             .map(|i| i.to_string())
-            .collect();
+            .partition(|i| self.unseen(i));
+        for id in &unseen {
+            self.start_unseen(id, batch, since);
+        }
+        if let Some(c) = &self.setup.metrics.started {
+            c.inc_by(unseen.len() as u64);
+        }
         if new.is_empty() {
             return Ok(());
         }
@@ -361,6 +429,40 @@ impl Engine {
         }
         drop(timer);
         Ok(())
+    }
+
+    /// The state of an installation no earlier owner or earlier state of
+    /// this one counted (`unseen`), as `rebuild_some` would build it from
+    /// ClickHouse, which holds only this batch's events of it: empty, its
+    /// first event the earliest of the batch's on their first day, or its
+    /// registration.
+    fn start_unseen(&mut self, id: &str, batch: &HashMap<&str, Vec<Item<'_>>>, since: i64) {
+        let items = batch.get(id).map(Vec::as_slice).unwrap_or_default();
+        let first_day = items
+            .iter()
+            .map(|i| i.event.created_at.div_euclid(DAY_MS))
+            .min();
+        let first_event = items
+            .iter()
+            .filter(|i| Some(i.event.created_at.div_euclid(DAY_MS)) == first_day)
+            .map(|i| i.t)
+            .min();
+        let registered = self.setup.plans.registered_at(id);
+        let first_seen = match (first_event, registered) {
+            (Some(f), Some(r)) => Some(f.min(r)),
+            (f, r) => f.or(r),
+        };
+        let mut state = Installation::default();
+        state.restore(BTreeMap::new(), first_seen);
+        self.installs.insert(
+            id.to_string(),
+            Held {
+                state,
+                touched: Instant::now(),
+                months: HashMap::new(),
+                months_from: months_from(since),
+            },
+        );
     }
 
     async fn rebuild_some(
@@ -400,11 +502,7 @@ impl Engine {
             .collect();
         // Events reach at most a few months back (the gateway refuses
         // events older than 80 days) and bill to the month they arrive in.
-        let months_from = periods::month_key(
-            periods::month_start(since.min(chrono::Utc::now().timestamp_millis()))
-                .checked_sub_months(chrono::Months::new(3))
-                .unwrap_or_default(),
-        );
+        let months_from = months_from(since);
         // ClickHouse's last Date: every month from `months_from` on.
         let last_date = chrono::NaiveDate::from_ymd_opt(2149, 6, 6).unwrap_or_default();
         let baseline_since = since.div_euclid(HOUR_MS) * HOUR_MS - (BASELINE_HOURS + 1) * HOUR_MS;

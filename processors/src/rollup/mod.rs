@@ -86,6 +86,10 @@ pub struct FlushReport {
     pub erased_before: std::collections::HashMap<String, i64>,
     /// Rows inserted into the three rollup tables (before deduplication).
     pub rollup_rows: usize,
+    /// (installation, day) pairs first touched by this flush: read from
+    /// ClickHouse, or known empty without a read (`seen::Ownership`).
+    pub days_read: usize,
+    pub days_known_empty: usize,
     /// Where the flush's time went.
     pub phases: FlushPhases,
 }
@@ -219,7 +223,10 @@ pub async fn flush(
         .iter()
         .map(|(_, e)| (e.install_id.as_str(), day_of(e.created_at)))
         .collect();
-    let missing = seen.missing(touched.iter().copied());
+    let kept_before = seen.days();
+    let missing = seen.missing(touched.iter().copied(), &erased);
+    report.days_known_empty = seen.days() - kept_before;
+    report.days_read = missing.len();
     if !missing.is_empty() {
         for (key, ids) in seen::read_days(client, &missing).await? {
             let erased_at = erased.get(&key.0).copied();

@@ -20,6 +20,14 @@
 //! - an installation whose erasure time changed since it was read is
 //!   forgotten before the batch is looked up (its rows were deleted).
 //!
+//! Some (installation, day) pairs need no read at all: those no event
+//! received before this instance took its partitions over can have, while
+//! nothing was forgotten since ([`Ownership`]). Every event of them went
+//! through this instance, so the ids it keeps are all there are: an
+//! installation registered after the takeover (a new site's first day, or
+//! a bench's fleet), and a day that began an hour or more after it (every
+//! installation's new day at midnight UTC).
+//!
 //! Two writers of one installation at once (two consumer groups on the same
 //! tables) are not exact with or without the cache: the ledger orders one
 //! group's batches only. Rows that disappear behind the processors' back
@@ -76,6 +84,22 @@ struct Day {
 /// An (installation, day) pair, borrowed from the batch's events.
 pub type DayKey<'a> = (&'a str, NaiveDate);
 
+/// An installation's registration time (ms), from the registry.
+pub type RegisteredAt = std::sync::Arc<dyn Fn(&str) -> Option<i64> + Send + Sync>;
+
+/// A day that begins this long after the takeover holds no event read by
+/// an earlier owner: the gateway accepts `created_at` at most
+/// `max_future_secs` (300 s by default) ahead of its clock.
+const NEW_DAY_MARGIN_MS: i64 = 3_600_000;
+
+/// What tells an (installation, day) that only this instance wrote.
+pub struct Ownership {
+    pub registered_at: RegisteredAt,
+    /// How far the gateways' clocks (which stamp registrations) may be
+    /// from this processor's.
+    pub clock_margin_ms: i64,
+}
+
 pub struct SeenIds {
     /// Installation, then day: looked up with the events' borrowed ids,
     /// no allocation per event.
@@ -84,6 +108,12 @@ pub struct SeenIds {
     ids: usize,
     max_ids: usize,
     clock: u64,
+    ownership: Option<Ownership>,
+    /// When this instance took its partitions over (ms, its clock).
+    assigned_at: Option<i64>,
+    /// Nothing was forgotten since `assigned_at` (no failed flush, trim
+    /// or erasure): the ids kept are all this instance wrote.
+    whole: bool,
 }
 
 impl SeenIds {
@@ -93,7 +123,41 @@ impl SeenIds {
             ids: 0,
             max_ids,
             clock: 0,
+            ownership: None,
+            assigned_at: None,
+            whole: false,
         }
+    }
+
+    /// Tells which pairs need no read (module docs); without it every pair
+    /// not kept is read.
+    pub fn with_ownership(mut self, ownership: Ownership) -> Self {
+        self.ownership = Some(ownership);
+        self
+    }
+
+    /// The time of the consumer's latest assignment: a new one starts a
+    /// new stretch of sole ownership.
+    pub fn assigned_at(&mut self, at: Option<i64>) {
+        if at != self.assigned_at {
+            self.assigned_at = at;
+            self.whole = at.is_some();
+        }
+    }
+
+    /// Whether every stored event of `(install, day)` was written by this
+    /// instance since it took the partitions over.
+    fn only_ours(&self, (install, day): DayKey<'_>) -> bool {
+        let (Some(ownership), Some(since), true) = (&self.ownership, self.assigned_at, self.whole)
+        else {
+            return false;
+        };
+        let day_start = day
+            .and_hms_opt(0, 0, 0)
+            .map_or(i64::MIN, |t| t.and_utc().timestamp_millis());
+        day_start >= since.saturating_add(NEW_DAY_MARGIN_MS)
+            || (ownership.registered_at)(install)
+                .is_some_and(|r| r >= since.saturating_add(ownership.clock_margin_ms))
     }
 
     fn day(&self, (install, day): DayKey<'_>) -> Option<&Day> {
@@ -113,9 +177,13 @@ impl SeenIds {
     pub fn clear(&mut self) {
         self.installs.clear();
         self.ids = 0;
+        self.assigned_at = None;
+        self.whole = false;
     }
 
     pub fn forget<'a>(&mut self, keys: impl IntoIterator<Item = DayKey<'a>>) {
+        // ClickHouse may now hold ids of these days that are not kept.
+        self.whole = false;
         for (install, day) in keys {
             let Some(days) = self.installs.get_mut(install) else {
                 continue;
@@ -140,19 +208,33 @@ impl SeenIds {
                 .is_some_and(|days| days.values().any(|d| d.erased_at != Some(*at)));
             if let Some(days) = stale.then(|| self.installs.remove(install)).flatten() {
                 self.ids -= days.values().map(|d| d.ids.len()).sum::<usize>();
+                self.whole = false;
             }
         }
     }
 
-    /// Which of `keys` are not kept: to read from ClickHouse.
+    /// Which of `keys` are not kept and must be read from ClickHouse; those
+    /// only this instance wrote are kept, empty, at once (`erased`: the
+    /// erasure times of the batch's installations).
     pub fn missing<'a>(
-        &self,
+        &mut self,
         keys: impl IntoIterator<Item = DayKey<'a>>,
+        erased: &HashMap<String, i64>,
     ) -> Vec<(String, NaiveDate)> {
-        keys.into_iter()
-            .filter(|k| self.day(*k).is_none())
-            .map(|(install, day)| (install.to_string(), day))
-            .collect()
+        let mut to_read = Vec::new();
+        for key in keys {
+            if self.day(key).is_some() {
+                continue;
+            }
+            let (install, day) = (key.0.to_string(), key.1);
+            if self.only_ours(key) {
+                let erased_at = erased.get(&install).copied();
+                self.insert_read((install, day), HashSet::new(), erased_at);
+            } else {
+                to_read.push((install, day));
+            }
+        }
+        to_read
     }
 
     /// Keeps an (installation, day) read whole from ClickHouse.
@@ -293,11 +375,12 @@ mod tests {
         let mut seen = SeenIds::new(100);
         let key = ("i1", day("2026-12-01"));
         assert_eq!(seen.contains(key, 7), None);
-        assert_eq!(seen.missing([key]), vec![("i1".to_string(), key.1)]);
+        let none = HashMap::new();
+        assert_eq!(seen.missing([key], &none), vec![("i1".to_string(), key.1)]);
         seen.insert_read(("i1".to_string(), key.1), HashSet::from([7]), None);
         assert_eq!(seen.contains(key, 7), Some(true));
         assert_eq!(seen.contains(key, 8), Some(false));
-        assert!(seen.missing([key]).is_empty());
+        assert!(seen.missing([key], &none).is_empty());
         seen.add(key, 8);
         seen.add(key, 8);
         assert_eq!(seen.contains(key, 8), Some(true));
@@ -309,6 +392,80 @@ mod tests {
         assert_eq!(seen.contains(key, 7), None);
         assert_eq!(seen.ids(), 0);
         assert_eq!(seen.days(), 0);
+    }
+
+    fn at(t: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    /// Owner since 2026-12-01 10:00; "new" registered at 10:05, "old" at 09:00.
+    fn owned() -> SeenIds {
+        let registered: RegisteredAt = std::sync::Arc::new(|install: &str| match install {
+            "new" => Some(at("2026-12-01T10:05:00Z")),
+            "old" => Some(at("2026-12-01T09:00:00Z")),
+            _ => None,
+        });
+        let mut seen = SeenIds::new(100).with_ownership(Ownership {
+            registered_at: registered,
+            clock_margin_ms: 10_000,
+        });
+        seen.assigned_at(Some(at("2026-12-01T10:00:00Z")));
+        seen
+    }
+
+    #[test]
+    fn what_only_this_owner_wrote_needs_no_read() {
+        let mut seen = owned();
+        let none = HashMap::new();
+        let today = day("2026-12-01");
+        let tomorrow = day("2026-12-02");
+        // Registered after the takeover: known empty, kept at once.
+        assert!(seen.missing([("new", today)], &none).is_empty());
+        assert_eq!(seen.contains(("new", today), 1), Some(false));
+        // Registered before: its day may hold an earlier owner's rows.
+        assert_eq!(
+            seen.missing([("old", today), ("unknown", today)], &none),
+            vec![("old".to_string(), today), ("unknown".to_string(), today)]
+        );
+        // A day that begins well after the takeover is everyone's own.
+        assert!(seen.missing([("old", tomorrow)], &none).is_empty());
+    }
+
+    #[test]
+    fn registered_within_the_clock_margin_of_the_takeover_is_read() {
+        let mut seen = owned();
+        seen.assigned_at(Some(at("2026-12-01T10:04:55Z")));
+        let today = day("2026-12-01");
+        assert_eq!(
+            seen.missing([("new", today)], &HashMap::new()),
+            vec![("new".to_string(), today)]
+        );
+    }
+
+    #[test]
+    fn after_anything_is_forgotten_every_day_is_read_until_the_next_takeover() {
+        let mut seen = owned();
+        let none = HashMap::new();
+        let today = day("2026-12-01");
+        // A failed flush forgets its days: ClickHouse may hold more.
+        seen.forget([("other", today)]);
+        assert_eq!(
+            seen.missing([("new", today)], &none),
+            vec![("new".to_string(), today)]
+        );
+        seen.assigned_at(Some(at("2026-12-01T10:00:00Z")));
+        assert_eq!(
+            seen.missing([("new", today)], &none).len(),
+            1,
+            "same takeover"
+        );
+        seen.assigned_at(Some(at("2026-12-01T10:01:00Z")));
+        assert!(seen.missing([("new", today)], &none).is_empty());
+        // A rebalance clears everything, ownership included.
+        seen.clear();
+        assert_eq!(seen.missing([("new", day("2026-12-03"))], &none).len(), 1);
     }
 
     #[test]
