@@ -301,17 +301,12 @@ impl SeenIds {
     }
 }
 
-/// Reads every stored event id of these (installation, day) pairs.
-pub async fn read_days(
-    client: &Client,
-    keys: &[(String, NaiveDate)],
-) -> Result<HashMap<(String, NaiveDate), HashSet<IdKey>>, clickhouse::error::Error> {
-    let mut found: HashMap<(String, NaiveDate), HashSet<IdKey>> =
-        keys.iter().map(|k| (k.clone(), HashSet::new())).collect();
+/// `keys` as query parameters of at most `PARAM_BYTES` each: every pair
+/// as ('<install>','YYYY-MM-DD'), with room for escapes.
+fn param_chunks(keys: &[(String, NaiveDate)]) -> Vec<Vec<(&str, String)>> {
+    let mut chunks = Vec::new();
     let mut start = 0;
     while start < keys.len() {
-        // Each pair as a parameter element: ('<install>','YYYY-MM-DD'),
-        // with room for escapes.
         let mut bytes = 0;
         let mut end = start;
         while end < keys.len() {
@@ -328,11 +323,49 @@ pub async fn read_days(
             bytes += len;
             end += 1;
         }
-        let chunk: Vec<(&str, String)> = keys[start..end]
-            .iter()
-            .map(|(i, d)| (i.as_str(), d.format("%Y-%m-%d").to_string()))
-            .collect();
+        chunks.push(
+            keys[start..end]
+                .iter()
+                .map(|(i, d)| (i.as_str(), d.format("%Y-%m-%d").to_string()))
+                .collect(),
+        );
         start = end;
+    }
+    chunks
+}
+
+fn from_days(days: u16) -> NaiveDate {
+    NaiveDate::default() + chrono::Days::new(u64::from(days))
+}
+
+/// Reads every stored event id of these (installation, day) pairs.
+///
+/// Only the pairs that have a `usage_install_daily` row can have stored
+/// events: a flush writes its rollup deltas before its raw events, and an
+/// erasure deletes both. That table is ordered by day then installation,
+/// so asking it first is several times cheaper than looking for events
+/// that are not there (a new installation, a new day): one granule of
+/// `usage_events` read per absent pair otherwise.
+pub async fn read_days(
+    client: &Client,
+    keys: &[(String, NaiveDate)],
+) -> Result<HashMap<(String, NaiveDate), HashSet<IdKey>>, clickhouse::error::Error> {
+    let mut found: HashMap<(String, NaiveDate), HashSet<IdKey>> =
+        keys.iter().map(|k| (k.clone(), HashSet::new())).collect();
+    let mut present: Vec<(String, NaiveDate)> = Vec::new();
+    for chunk in param_chunks(keys) {
+        let mut cursor = client
+            .query(
+                "SELECT DISTINCT install_id, toUInt16(date) FROM usage_install_daily
+                 WHERE (install_id, date) IN {keys:Array(Tuple(String, Date))}",
+            )
+            .param("keys", chunk)
+            .fetch::<(String, u16)>()?;
+        while let Some((install, day)) = cursor.next().await? {
+            present.push((install, from_days(day)));
+        }
+    }
+    for chunk in param_chunks(&present) {
         let mut cursor = client
             .query(
                 "SELECT install_id, toUInt16(toDate(created_at)), event_id FROM usage_events
@@ -341,8 +374,7 @@ pub async fn read_days(
             .param("keys", chunk)
             .fetch::<(String, u16, String)>()?;
         while let Some((install, day, id)) = cursor.next().await? {
-            let day = NaiveDate::default() + chrono::Days::new(u64::from(day));
-            if let Some(ids) = found.get_mut(&(install, day)) {
+            if let Some(ids) = found.get_mut(&(install, from_days(day))) {
                 ids.insert(id_key(&id));
             }
         }
