@@ -132,7 +132,13 @@ impl Service for Processors {
             .policy()
             .map_err(|e| ProcessorError::Startup(e.to_string()))?;
         tracing::info!(?policy, "governance policy");
-        let (plans, plan_changes) = governance::tables::Plans::new();
+        let registry_known = prometheus::IntGauge::new(
+            "processor_registry_installations",
+            "installations known from the registry topic",
+        )
+        .map_err(|e| ProcessorError::Startup(e.to_string()))?;
+        metrics.register(Box::new(registry_known.clone()));
+        let (plans, plan_changes) = governance::tables::Plans::new(Some(registry_known));
         let plans_task = tokio::spawn(usage_service_kit::follower::follow(
             plans.clone(),
             config.kafka.clone(),

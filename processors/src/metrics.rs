@@ -212,7 +212,7 @@ impl ProcessorMetrics {
                 started: Some(counter(
                     metrics,
                     "governance_installations_started_total",
-                    "installations registered after the takeover, started on first sight without reading ClickHouse",
+                    "installations started on first sight without reading their history: registered after the takeover, or with no stored event but the batch's own",
                 )),
                 recovered: Some(counter(
                     metrics,

@@ -689,10 +689,9 @@ async fn a_site_registered_after_the_takeover_is_started_without_reads_and_read_
     tokio::time::sleep(Duration::from_millis(300)).await;
     let site = Site::new(8);
     assert_eq!(p.register(&site, "agency").await.0, 201);
-    // The processor has read the registration (its mirror and its registry
-    // follow the same topic): before that, it reads ClickHouse to be safe.
-    p.wait_for_registry_mirror(1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The processor has read the registration: before that, it reads
+    // ClickHouse to be safe.
+    wait_metric(&first, "usage_processor_registry_installations", |n| n == 1).await;
     base(0, 120_000, Within::Month).await;
     send_now(&p, &site, 0..30, 30, 100).await;
     wait_report(&p, &site, "30 requests in the window", |r| {

@@ -20,7 +20,10 @@
 //!   restart, a partition move or an eviction the owner resumes with the
 //!   counts it would have had. When the published state is the one that
 //!   counted the installation's last stored event, it is taken as is, so
-//!   open episodes go on rather than start again.
+//!   open episodes go on rather than start again. The reads run at once.
+//!   An installation registered after this instance took its partitions
+//!   over, whose state never left memory since, is started empty without
+//!   a read: every event it has went through this engine (`unseen`).
 //! - The governance topic, followed by every instance, tells what was last
 //!   published (nothing unchanged is published again) and what a plan
 //!   change re-evaluates.
@@ -408,9 +411,28 @@ impl Engine {
         for id in &unseen {
             self.start_unseen(id, batch, since);
         }
-        if let Some(c) = &self.setup.metrics.started {
-            c.inc_by(unseen.len() as u64);
+        let mut started = unseen.len();
+        // Those whose only stored events are this batch's own (a new
+        // installation after a restart): nothing to rebuild from either.
+        let mut to_read = Vec::new();
+        for chunk in new.chunks(IDS_PER_QUERY) {
+            let stored = self.stored_events(chunk).await?;
+            for id in chunk {
+                let own = batch.get(id.as_str()).map_or(0, |items| items.len() as u64);
+                let only_own = stored.get(id).copied().unwrap_or(0) == own
+                    && self.setup.published.get(id).is_none();
+                if only_own {
+                    self.start_unseen(id, batch, since);
+                    started += 1;
+                } else {
+                    to_read.push(id.clone());
+                }
+            }
         }
+        if let Some(c) = &self.setup.metrics.started {
+            c.inc_by(started as u64);
+        }
+        let new = to_read;
         if new.is_empty() {
             return Ok(());
         }
@@ -431,11 +453,28 @@ impl Engine {
         Ok(())
     }
 
-    /// The state of an installation no earlier owner or earlier state of
-    /// this one counted (`unseen`), as `rebuild_some` would build it from
-    /// ClickHouse, which holds only this batch's events of it: empty, its
-    /// first event the earliest of the batch's on their first day, or its
-    /// registration.
+    /// Events stored per installation, all months (the monthly rollup is
+    /// summed: exact without `FINAL`, and sorted by installation).
+    async fn stored_events(&self, ids: &[String]) -> Result<HashMap<String, u64>, EngineError> {
+        let rows: Vec<(String, u64)> = self
+            .setup
+            .clickhouse
+            .query(
+                "SELECT install_id, sum(requests) FROM usage_monthly
+                 WHERE install_id IN {ids:Array(String)} GROUP BY install_id",
+            )
+            .param("ids", ids)
+            .fetch_all()
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// The state of an installation whose only stored events are this
+    /// batch's governed ones (`unseen`, or found so by `stored_events`),
+    /// as `rebuild_some` would build it from them: empty, its first event
+    /// the earliest of the batch's on their first day, or its registration.
+    /// (Its alerts, if an attempt that died made some, are those of its
+    /// recovered events, which a rebuild leaves out too.)
     fn start_unseen(&mut self, id: &str, batch: &HashMap<&str, Vec<Item<'_>>>, since: i64) {
         let items = batch.get(id).map(Vec::as_slice).unwrap_or_default();
         let first_day = items

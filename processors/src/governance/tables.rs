@@ -22,19 +22,31 @@ pub struct Plans {
     records: RwLock<HashMap<String, Arc<RegistryRecord>>>,
     changes: tokio::sync::mpsc::UnboundedSender<String>,
     caught_up: AtomicBool,
+    /// Installations known (a processor reading the registry late decides
+    /// with defaults or reads ClickHouse to be safe: worth watching).
+    known: Option<prometheus::IntGauge>,
 }
 
 impl Plans {
-    pub fn new() -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    pub fn new(
+        known: Option<prometheus::IntGauge>,
+    ) -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (
             Arc::new(Self {
                 records: RwLock::default(),
                 changes: tx,
                 caught_up: Default::default(),
+                known,
             }),
             rx,
         )
+    }
+
+    fn report_known(&self, records: &HashMap<String, Arc<RegistryRecord>>) {
+        if let Some(g) = &self.known {
+            g.set(records.len() as i64);
+        }
     }
 
     /// Reports a plan change again after `delay`: acting on it failed, and
@@ -98,10 +110,9 @@ impl Table for Plans {
     fn apply(&self, key: Option<&[u8]>, value: Option<&[u8]>) {
         let Some(record) = value.and_then(|v| RegistryRecord::from_wire(v).ok()) else {
             if let Some(id) = key_str(key) {
-                self.records
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
+                let mut records = self.records.write().unwrap_or_else(|p| p.into_inner());
+                records.remove(id);
+                self.report_known(&records);
             }
             return;
         };
@@ -112,7 +123,9 @@ impl Table for Plans {
             if records.get(&id).is_some_and(|r| !record.supersedes(r)) {
                 return;
             }
-            records.insert(id.clone(), Arc::new(record.clone()))
+            let previous = records.insert(id.clone(), Arc::new(record.clone()));
+            self.report_known(&records);
+            previous
         };
         // The initial load is not a change: plan changes made while no
         // owner was listening are caught up on assignment instead (see
