@@ -489,6 +489,43 @@ fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
         .sum()
 }
 
+/// The processors' consumer lag over an unpaused load, one sample a second.
+#[derive(Debug, PartialEq)]
+struct LagReport {
+    p50: u64,
+    max: u64,
+    /// The largest sample of the first and of the last third of the run:
+    /// a lag that keeps growing is a processor falling behind.
+    first_third_max: u64,
+    last_third_max: u64,
+    last: u64,
+}
+
+impl LagReport {
+    fn of(samples: &[u64]) -> Option<Self> {
+        let last = *samples.last()?;
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        let third = samples.len().div_ceil(3);
+        let max_of = |s: &[u64]| s.iter().copied().max().unwrap_or(0);
+        Some(Self {
+            p50: sorted[(sorted.len() - 1) / 2],
+            max: max_of(&sorted),
+            first_third_max: max_of(&samples[..third]),
+            last_third_max: max_of(&samples[samples.len() - third..]),
+            last,
+        })
+    }
+
+    fn print(&self) {
+        println!(
+            "consumer lag (usage_processor_consumer_lag, all partitions, 1 s samples): p50 {}, max {}, \
+             max of the first third {}, of the last third {}, at the end of the load {}",
+            self.p50, self.max, self.first_third_max, self.last_third_max, self.last
+        );
+    }
+}
+
 /// Where the processors' time went, from their own histograms.
 struct ProcessorTime {
     batches: f64,
@@ -713,11 +750,33 @@ async fn main() -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let mut last = 0;
+    // Unpaused, the processors' own lag metric (every owned partition) is
+    // sampled each second: bounded lag is what keeping up means.
+    let mut lags: Vec<u64> = Vec::new();
     for s in 1..=args.duration {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let acked = counters.events_acked.load(Ordering::Relaxed);
-        println!("  {s:>3} s  {:>8} events/s accepted", acked - last);
+        let lag = if args.isolate {
+            None
+        } else {
+            metrics_text(&client, &args.processors)
+                .await
+                .map(|t| metric_sum(&t, "usage_processor_consumer_lag", None) as u64)
+        };
+        match lag {
+            Some(lag) => {
+                lags.push(lag);
+                println!(
+                    "  {s:>3} s  {:>8} events/s accepted  consumer lag {lag:>8}",
+                    acked - last
+                );
+            }
+            None => println!("  {s:>3} s  {:>8} events/s accepted", acked - last),
+        }
         last = acked;
+    }
+    if let Some(report) = LagReport::of(&lags) {
+        report.print();
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -908,4 +967,30 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lag_report_tells_a_bounded_lag_from_a_growing_one() {
+        let bounded = LagReport::of(&[900, 40_000, 12_000, 30_000, 8_000, 35_000]).unwrap();
+        assert_eq!(
+            bounded,
+            LagReport {
+                p50: 12_000,
+                max: 40_000,
+                first_third_max: 40_000,
+                last_third_max: 35_000,
+                last: 35_000,
+            }
+        );
+        let growing = LagReport::of(&[1_000, 2_000, 4_000, 8_000]).unwrap();
+        assert_eq!(
+            (growing.first_third_max, growing.last_third_max),
+            (2_000, 8_000)
+        );
+        assert_eq!(LagReport::of(&[]), None);
+    }
 }
