@@ -21,8 +21,8 @@
 //!   forgotten before the batch is looked up (its rows were deleted).
 //!
 //! Some (installation, day) pairs need no read at all: those no event
-//! received before this instance took its partitions over can have, while
-//! nothing was forgotten since ([`Ownership`]). Every event of them went
+//! received before this instance took its partitions over can have, of an
+//! installation none of whose days was forgotten since ([`Ownership`]). Every event of them went
 //! through this instance, so the ids it keeps are all there are: an
 //! installation registered after the takeover (a new site's first day, or
 //! a bench's fleet), and a day that began an hour or more after it (every
@@ -111,9 +111,10 @@ pub struct SeenIds {
     ownership: Option<Ownership>,
     /// When this instance took its partitions over (ms, its clock).
     assigned_at: Option<i64>,
-    /// Nothing was forgotten since `assigned_at` (no failed flush, trim
-    /// or erasure): the ids kept are all this instance wrote.
-    whole: bool,
+    /// Installations with days forgotten since `assigned_at` (a failed
+    /// flush, the memory bound, an erasure): ClickHouse may hold ids of
+    /// theirs that are not kept, so their days are read.
+    lost: HashSet<String>,
 }
 
 impl SeenIds {
@@ -125,7 +126,7 @@ impl SeenIds {
             clock: 0,
             ownership: None,
             assigned_at: None,
-            whole: false,
+            lost: HashSet::new(),
         }
     }
 
@@ -141,17 +142,19 @@ impl SeenIds {
     pub fn assigned_at(&mut self, at: Option<i64>) {
         if at != self.assigned_at {
             self.assigned_at = at;
-            self.whole = at.is_some();
+            self.lost.clear();
         }
     }
 
     /// Whether every stored event of `(install, day)` was written by this
     /// instance since it took the partitions over.
     fn only_ours(&self, (install, day): DayKey<'_>) -> bool {
-        let (Some(ownership), Some(since), true) = (&self.ownership, self.assigned_at, self.whole)
-        else {
+        let (Some(ownership), Some(since)) = (&self.ownership, self.assigned_at) else {
             return false;
         };
+        if self.lost.contains(install) {
+            return false;
+        }
         let day_start = day
             .and_hms_opt(0, 0, 0)
             .map_or(i64::MIN, |t| t.and_utc().timestamp_millis());
@@ -178,13 +181,15 @@ impl SeenIds {
         self.installs.clear();
         self.ids = 0;
         self.assigned_at = None;
-        self.whole = false;
+        self.lost.clear();
     }
 
     pub fn forget<'a>(&mut self, keys: impl IntoIterator<Item = DayKey<'a>>) {
-        // ClickHouse may now hold ids of these days that are not kept.
-        self.whole = false;
         for (install, day) in keys {
+            // ClickHouse may hold ids of this day that are not kept.
+            if self.assigned_at.is_some() && !self.lost.contains(install) {
+                self.lost.insert(install.to_string());
+            }
             let Some(days) = self.installs.get_mut(install) else {
                 continue;
             };
@@ -208,7 +213,9 @@ impl SeenIds {
                 .is_some_and(|days| days.values().any(|d| d.erased_at != Some(*at)));
             if let Some(days) = stale.then(|| self.installs.remove(install)).flatten() {
                 self.ids -= days.values().map(|d| d.ids.len()).sum::<usize>();
-                self.whole = false;
+                if self.assigned_at.is_some() {
+                    self.lost.insert(install.clone());
+                }
             }
         }
     }
@@ -477,23 +484,31 @@ mod tests {
     }
 
     #[test]
-    fn after_anything_is_forgotten_every_day_is_read_until_the_next_takeover() {
+    fn an_installation_with_a_day_forgotten_is_read_until_the_next_takeover() {
         let mut seen = owned();
         let none = HashMap::new();
         let today = day("2026-12-01");
-        // A failed flush forgets its days: ClickHouse may hold more.
-        seen.forget([("other", today)]);
+        let tomorrow = day("2026-12-02");
+        assert!(seen.missing([("new", today)], &none).is_empty());
+        // A failed flush (or the memory bound) forgets its days: ClickHouse
+        // may hold more of that installation than is kept, on any day.
+        seen.forget([("new", today)]);
         assert_eq!(
-            seen.missing([("new", today)], &none),
-            vec![("new".to_string(), today)]
+            seen.missing([("new", today), ("new", tomorrow)], &none),
+            vec![("new".to_string(), today), ("new".to_string(), tomorrow)]
         );
+        // Other installations are not concerned.
+        assert!(seen.missing([("old", tomorrow)], &none).is_empty());
+        seen.forget([("new", today), ("new", tomorrow)]);
         seen.assigned_at(Some(at("2026-12-01T10:00:00Z")));
         assert_eq!(
             seen.missing([("new", today)], &none).len(),
             1,
             "same takeover"
         );
-        seen.assigned_at(Some(at("2026-12-01T10:01:00Z")));
+        seen.forget([("new", today)]);
+        seen.assigned_at(Some(at("2026-12-01T09:59:00Z")));
+        // A new takeover, which the registration follows too.
         assert!(seen.missing([("new", today)], &none).is_empty());
         // A rebalance clears everything, ownership included.
         seen.clear();
