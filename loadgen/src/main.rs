@@ -64,13 +64,23 @@ struct Args {
     /// Share of events created 1 hour to 3 days before now.
     #[arg(long, default_value_t = 0.05)]
     late_share: f64,
-    /// Freshness probes (single-event batches) after the load.
+    /// Freshness probes (single-event batches): after the load when the
+    /// processors are paused (`--isolate`), during it otherwise.
     #[arg(long, default_value_t = 40)]
     freshness_probes: usize,
+    /// The plan of the load's installations (a policy file that raises its
+    /// limits lets an unpaused load run without being refused).
+    #[arg(long, default_value = "agency")]
+    plan: String,
+    /// The plan of the probes' installations: its rate limit is the one the
+    /// enforcement probes cross (keep it at the defaults).
+    #[arg(long, default_value = "agency")]
+    probe_plan: String,
     /// Folder of `<component>.pid` files (./stack's .data/run) for peak RSS.
     #[arg(long)]
     pid_dir: Option<std::path::PathBuf>,
-    /// Decision-to-enforcement probes after the load: each fills a fresh
+    /// Decision-to-enforcement probes (after or during the load, as the
+    /// freshness probes): each fills a fresh
     /// installation's rate-limit window with one batch of 100 events, then
     /// times how long until the processors' decision reaches the gateway
     /// (its governance report says rate limited: what every gateway, not
@@ -288,13 +298,14 @@ async fn register(
     args: &Args,
     admin: &str,
     site: &Site,
+    plan: &str,
 ) -> anyhow::Result<()> {
     let r = client
         .post(format!("{}/api/usage/installations", args.ingest))
         .bearer_auth(admin)
         .json(&json!({
             "install_id": site.install_id, "account_id": site.account_id, "secret": site.secret,
-            "plan": "agency", "site_hash": "a3b4c5d6e7f8", "is_multisite": false
+            "plan": plan, "site_hash": "a3b4c5d6e7f8", "is_multisite": false
         }))
         .send()
         .await?;
@@ -487,6 +498,86 @@ fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// How long a probe waits: one still waiting then is counted at this time.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Freshness probes (single-event batches: accepted -> visible in the
+/// summary) then enforcement probes (a full window: accepted -> the
+/// gateway holds the decision), in microseconds.
+async fn probes(
+    client: &reqwest::Client,
+    args: &Args,
+    verifier: &JwtVerifier,
+    admin: &str,
+) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+    let probe = new_site(verifier, 999_999);
+    register(client, args, admin, &probe, &args.probe_plan).await?;
+    let mut freshness = Vec::new();
+    let mut rng = Rng(42);
+    let mut expected = 0u64;
+    for _ in 0..args.freshness_probes {
+        let (body, _) = batch(&probe, &mut rng, 1, 0.0, |_| {
+            format!("{}", uuid::Uuid::new_v4().simple())
+        });
+        let t0 = Instant::now();
+        if post(client, args, &probe, body).await? != 200 {
+            continue;
+        }
+        let accepted = t0.elapsed();
+        expected += 1;
+        loop {
+            if summary_totals(client, args, admin, &probe.install_id)
+                .await
+                .map(|t| t.0)
+                == Some(expected)
+            {
+                break;
+            }
+            if t0.elapsed() > PROBE_TIMEOUT {
+                // Behind a long lag: counted at the timeout (a lower bound).
+                println!("freshness probe not visible within {PROBE_TIMEOUT:?}: counted as that");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        freshness.push((t0.elapsed() - accepted).as_micros() as u64);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut enforcement = Vec::new();
+    for n in 0..args.enforcement_probes {
+        let site = new_site(verifier, 2_000_000 + n);
+        register(client, args, admin, &site, &args.probe_plan).await?;
+        let t0 = chrono::Utc::now().timestamp_millis() - 60_000;
+        let full = json!({
+            "install_id": site.install_id, "account_id": site.account_id,
+            "events": (0..100).map(|i| json!({
+                "event_id": format!("evt_{}", uuid::Uuid::new_v4().simple()),
+                "wp_user_id_hash": site.users[0], "source": "bulk", "model": "gpt-4o-mini",
+                "prompt_tokens": 90, "completion_tokens": 10, "total_tokens": 100,
+                "created_at": chrono::DateTime::from_timestamp_millis(t0 + i * 50).unwrap_or_default().to_rfc3339(),
+            })).collect::<Vec<_>>(),
+        });
+        if post(client, args, &site, serde_json::to_vec(&full)?).await? != 200 {
+            bail!("an enforcement probe's first batch was refused");
+        }
+        let accepted = Instant::now();
+        loop {
+            if rate_limited(client, args, admin, &site).await? {
+                enforcement.push(accepted.elapsed().as_micros() as u64);
+                break;
+            }
+            if accepted.elapsed() > PROBE_TIMEOUT {
+                println!("rate limit not enforced within {PROBE_TIMEOUT:?}: counted as that");
+                enforcement.push(accepted.elapsed().as_micros() as u64);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok((freshness, enforcement))
 }
 
 /// The processors' consumer lag over an unpaused load, one sample a second.
@@ -685,7 +776,7 @@ async fn main() -> anyhow::Result<()> {
                 order.clone(),
             );
             async move {
-                register(&client, &args, &admin, &sites[order[i]])
+                register(&client, &args, &admin, &sites[order[i]], &args.plan)
                     .await
                     .is_err()
             }
@@ -749,6 +840,16 @@ async fn main() -> anyhow::Result<()> {
         metrics_text(&client, &args.processors).await
     };
     let started = Instant::now();
+    // Unpaused, the probes measure freshness and enforcement under the load.
+    let probes_during_load = (!args.isolate).then(|| {
+        let (client, args, verifier, admin) = (
+            client.clone(),
+            args.clone(),
+            verifier.clone(),
+            admin.clone(),
+        );
+        tokio::spawn(async move { probes(&client, &args, &verifier, &admin).await })
+    });
     let mut last = 0;
     // Unpaused, the processors' own lag metric (every owned partition) is
     // sampled each second: bounded lag is what keeping up means.
@@ -867,68 +968,10 @@ async fn main() -> anyhow::Result<()> {
     .await;
     let mismatches: Vec<_> = checks.into_iter().flatten().collect();
 
-    // Freshness: single-event batches on an idle pipeline.
-    let probe = new_site(&verifier, 999_999);
-    register(&client, &args, &admin, &probe).await?;
-    let mut freshness = Vec::new();
-    let mut rng = Rng(42);
-    let mut expected = 0u64;
-    for _ in 0..args.freshness_probes {
-        let (body, _) = batch(&probe, &mut rng, 1, 0.0, |_| {
-            format!("{}", uuid::Uuid::new_v4().simple())
-        });
-        let t0 = Instant::now();
-        if post(&client, &args, &probe, body).await? != 200 {
-            continue;
-        }
-        let accepted = t0.elapsed();
-        expected += 1;
-        loop {
-            if summary_totals(&client, &args, &admin, &probe.install_id)
-                .await
-                .map(|t| t.0)
-                == Some(expected)
-            {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("a freshness probe never became visible");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        freshness.push((t0.elapsed() - accepted).as_micros() as u64);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    let mut enforcement = Vec::new();
-    for n in 0..args.enforcement_probes {
-        let site = new_site(&verifier, 2_000_000 + n);
-        register(&client, &args, &admin, &site).await?;
-        let t0 = chrono::Utc::now().timestamp_millis() - 60_000;
-        let full = json!({
-            "install_id": site.install_id, "account_id": site.account_id,
-            "events": (0..100).map(|i| json!({
-                "event_id": format!("evt_{}", uuid::Uuid::new_v4().simple()),
-                "wp_user_id_hash": site.users[0], "source": "bulk", "model": "gpt-4o-mini",
-                "prompt_tokens": 90, "completion_tokens": 10, "total_tokens": 100,
-                "created_at": chrono::DateTime::from_timestamp_millis(t0 + i * 50).unwrap_or_default().to_rfc3339(),
-            })).collect::<Vec<_>>(),
-        });
-        if post(&client, &args, &site, serde_json::to_vec(&full)?).await? != 200 {
-            bail!("an enforcement probe's first batch was refused");
-        }
-        let accepted = Instant::now();
-        loop {
-            if rate_limited(&client, &args, &admin, &site).await? {
-                enforcement.push(accepted.elapsed().as_micros() as u64);
-                break;
-            }
-            if accepted.elapsed() > Duration::from_secs(30) {
-                bail!("the rate limit was never enforced");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    let (mut freshness, mut enforcement) = match probes_during_load {
+        Some(running) => running.await??,
+        None => probes(&client, &args, &verifier, &admin).await?,
+    };
 
     let bare = match &args.bare_kafka {
         Some(brokers) => Some(report::bare_producer(brokers, load_secs.min(10.0)).await?),

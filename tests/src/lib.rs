@@ -207,6 +207,19 @@ pub async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The sum of the series of a labelled metric whose labels contain
+/// `labels` (e.g. `kind="permanent"`).
+pub async fn labelled_metric(addr: std::net::SocketAddr, name: &str, labels: &str) -> u64 {
+    let Ok(r) = http().get(format!("http://{addr}/metrics")).send().await else {
+        return 0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Waits until `GET http://{addr}/ready` answers `status` (200 or 503).
 pub async fn wait_ready_status(addr: std::net::SocketAddr, status: u16, timeout: Duration) {
     eventually(

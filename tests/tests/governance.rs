@@ -656,18 +656,7 @@ async fn an_idle_installation_leaves_memory_and_comes_back_with_the_same_counts(
 
 /// The sum of a labelled metric's series whose labels contain `labels`.
 async fn labelled(process: &ProcessorProcess, name: &str, labels: &str) -> u64 {
-    let text = http()
-        .get(format!("http://127.0.0.1:{}/metrics", process.port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    usage_e2e::labelled_metric(([127, 0, 0, 1], process.port).into(), name, labels).await
 }
 
 /// A site registered after the processor took its partitions over starts

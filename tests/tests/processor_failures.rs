@@ -325,21 +325,13 @@ async fn a_missing_table_stalls_the_processors_visibly_and_nothing_is_lost_after
         p.processor_metric("usage_processor_stalled_stages").await,
         1
     );
-    let metrics = usage_e2e::http()
-        .get(format!("http://{processors}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let permanent_errors: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("usage_processor_errors_total{"))
-        .filter(|l| l.contains("kind=\"permanent\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert!(permanent_errors >= 1, "{metrics}");
+    let permanent_errors = usage_e2e::labelled_metric(
+        processors,
+        "usage_processor_errors_total",
+        "kind=\"permanent\"",
+    )
+    .await;
+    assert!(permanent_errors >= 1);
 
     ch.query("RENAME TABLE usage_events_moved TO usage_events")
         .execute()
