@@ -426,8 +426,9 @@ impl Pipeline {
     }
 
     /// Waits until the day-grouped summary of `site` has `requests` requests
-    /// in all, and its other rollups agree with its daily rows: a batch
-    /// writes `usage_daily` first, then the other two.
+    /// in all, its other rollups agree with its daily rows (a batch writes
+    /// `usage_daily` first, then the other two) and its raw events are
+    /// stored (they go in after the rollups).
     pub async fn wait_for_requests(&self, site: &Site, date_from: &str, requests: u64) -> Value {
         let q = format!(
             "install_id={}&date_from={date_from}&group_by=day",
@@ -449,7 +450,23 @@ impl Pipeline {
                         return None;
                     }
                     let [daily, install_daily, monthly] = self.rollup_requests(site).await;
-                    (install_daily == daily && monthly == daily).then_some(s)
+                    if install_daily != daily || monthly != daily {
+                        return None;
+                    }
+                    // The raw events go in after the rollups' deltas.
+                    let raw: u64 = self
+                        .clickhouse
+                        .client()
+                        .query(
+                            "SELECT count() FROM usage_events FINAL
+                             WHERE install_id = ? AND toDate(created_at) >= toDate(?)",
+                        )
+                        .bind(&site.install_id)
+                        .bind(date_from)
+                        .fetch_one()
+                        .await
+                        .ok()?;
+                    (raw >= requests).then_some(s)
                 }
             },
         )
