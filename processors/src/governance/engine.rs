@@ -23,7 +23,10 @@
 //!   open episodes go on rather than start again. The reads run at once.
 //!   An installation registered after this instance took its partitions
 //!   over, whose state never left memory since, is started empty without
-//!   a read: every event it has went through this engine (`unseen`).
+//!   a read: every event it has went through this engine (`unseen`); so is
+//!   one whose only stored events are the batch's own (its monthly rollup
+//!   total equals them and no state of it was published: `stored_events`),
+//!   a new installation met after a restart.
 //! - The governance topic, followed by every instance, tells what was last
 //!   published (nothing unchanged is published again) and what a plan
 //!   change re-evaluates.
