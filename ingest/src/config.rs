@@ -31,8 +31,17 @@ pub struct Config {
         default_value_t = 300
     )]
     pub signature_window_secs: i64,
-    /// How far an event's created_at may be ahead of server time, in seconds.
-    #[arg(long, env = "USAGE_INGEST_MAX_FUTURE_SECS", default_value_t = 300)]
+    /// How far an event's created_at may be ahead of server time, in
+    /// seconds. At most 3000: the processors take a day that began an hour
+    /// after they took their partitions over as holding only events they
+    /// wrote (`processors/src/rollup/seen.rs`), which a later limit would
+    /// let a site break by dating events into it.
+    #[arg(
+        long,
+        env = "USAGE_INGEST_MAX_FUTURE_SECS",
+        default_value_t = 300,
+        value_parser = clap::value_parser!(i64).range(0..=3000)
+    )]
     pub max_future_secs: i64,
     /// Oldest created_at accepted, in days (raw events are kept 90 days and
     /// rollups are recomputed from them, so this must stay well below 90).
@@ -152,6 +161,13 @@ mod tests {
         assert_eq!(c.default_plan, "free");
         assert_eq!(c.governance.late_grace_hours, 48);
         assert_eq!(c.jwt.account_claim, "account_id");
+    }
+
+    #[test]
+    fn events_may_not_be_dated_into_a_day_the_processors_take_as_their_own() {
+        let c = Config::try_parse_from(["usage-ingest", "--max-future-secs", "3000"]).unwrap();
+        assert_eq!(c.max_future_secs, 3000);
+        assert!(Config::try_parse_from(["usage-ingest", "--max-future-secs", "3601"]).is_err());
     }
 
     #[test]
