@@ -223,9 +223,9 @@ pub async fn flush(
         .iter()
         .map(|(_, e)| (e.install_id.as_str(), day_of(e.created_at)))
         .collect();
-    let kept_before = seen.days();
+    let known_before = seen.known_empty();
     let missing = seen.missing(touched.iter().copied(), &erased);
-    report.days_known_empty = seen.days() - kept_before;
+    report.days_known_empty = seen.known_empty() - known_before;
     report.days_read = missing.len();
     if !missing.is_empty() {
         for (key, ids) in seen::read_days(client, &missing).await? {

@@ -115,6 +115,8 @@ pub struct SeenIds {
     /// flush, the memory bound, an erasure): ClickHouse may hold ids of
     /// theirs that are not kept, so their days are read.
     lost: HashSet<String>,
+    /// Pairs kept empty without a read, since start.
+    known_empty: usize,
 }
 
 impl SeenIds {
@@ -127,6 +129,7 @@ impl SeenIds {
             ownership: None,
             assigned_at: None,
             lost: HashSet::new(),
+            known_empty: 0,
         }
     }
 
@@ -170,6 +173,11 @@ impl SeenIds {
     /// (installation, day) pairs kept.
     pub fn days(&self) -> usize {
         self.installs.values().map(HashMap::len).sum()
+    }
+
+    /// Pairs kept empty without a read (only this instance wrote them), since start.
+    pub fn known_empty(&self) -> usize {
+        self.known_empty
     }
 
     /// Ids kept.
@@ -237,6 +245,7 @@ impl SeenIds {
             if self.only_ours(key) {
                 let erased_at = erased.get(&install).copied();
                 self.insert_read((install, day), HashSet::new(), erased_at);
+                self.known_empty += 1;
             } else {
                 to_read.push((install, day));
             }
@@ -470,6 +479,7 @@ mod tests {
         );
         // A day that begins well after the takeover is everyone's own.
         assert!(seen.missing([("old", tomorrow)], &none).is_empty());
+        assert_eq!(seen.known_empty(), 2);
     }
 
     #[test]
