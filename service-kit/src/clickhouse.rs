@@ -35,6 +35,17 @@ pub struct ClickHouseArgs {
         hide_default_value = true
     )]
     pub password: String,
+    /// Compression of what travels to and from ClickHouse: `lz4` (less
+    /// network, more CPU on both ends) or `none` (for a server on the same
+    /// machine or a fast local network, where the CPU costs more than the
+    /// bytes).
+    #[arg(
+        long = "clickhouse-compression",
+        env = "USAGE_CLICKHOUSE_COMPRESSION",
+        default_value = "lz4",
+        value_parser = ["lz4", "none"]
+    )]
+    pub compression: String,
 }
 
 // Hand-written so the password can never reach a log line through `{:?}`.
@@ -44,6 +55,7 @@ impl std::fmt::Debug for ClickHouseArgs {
             .field("url", &self.url)
             .field("database", &self.database)
             .field("user", &self.user)
+            .field("compression", &self.compression)
             .field(
                 "password",
                 &if self.password.is_empty() { "" } else { "***" },
@@ -60,9 +72,14 @@ impl ClickHouseArgs {
 
     /// A client with no default database (to create it).
     pub fn server_client(&self) -> clickhouse::Client {
+        let compression = match self.compression.as_str() {
+            "none" => clickhouse::Compression::None,
+            _ => clickhouse::Compression::Lz4,
+        };
         let client = clickhouse::Client::default()
             .with_url(&self.url)
-            .with_user(&self.user);
+            .with_user(&self.user)
+            .with_compression(compression);
         if self.password.is_empty() {
             client
         } else {

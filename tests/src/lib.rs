@@ -133,6 +133,7 @@ pub fn clickhouse_args() -> ClickHouseArgs {
         database: unique("test"),
         user: "default".into(),
         password: String::new(),
+        compression: "lz4".into(),
     }
 }
 

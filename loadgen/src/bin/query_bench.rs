@@ -363,6 +363,7 @@ async fn main() -> anyhow::Result<()> {
         database: args.database.clone(),
         user: "default".into(),
         password: String::new(),
+        compression: "lz4".into(),
     };
     let ch = db.client();
     if args.generate {
