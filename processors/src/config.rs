@@ -26,12 +26,25 @@ pub struct Config {
         default_value = "usage-processors"
     )]
     pub group: String,
+    /// Workers in this process, each an independent member of the consumer
+    /// group with its own partitions, batches, stored ids and governance
+    /// state, exactly like separate instances: while one waits on
+    /// ClickHouse, another decodes and counts its next batch (one worker
+    /// alone leaves both the processor and ClickHouse idle half the time).
+    /// More workers than partitions leaves some idle.
+    #[arg(
+        long,
+        env = "USAGE_PROCESSORS_WORKERS",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
+    pub workers: u16,
     /// Most events written to ClickHouse in one batch. Batches close after
     /// `batch_wait_ms` or at this size.
     #[arg(long, env = "USAGE_PROCESSORS_BATCH_EVENTS", default_value_t = 50_000)]
     pub batch_events: usize,
-    /// Most stored event ids kept in memory (16 bytes each, about 20 with
-    /// the set's overhead) to tell duplicates without asking ClickHouse
+    /// Most stored event ids kept in memory by the process, shared evenly
+    /// by its workers (16 bytes each, about 20 with the set's overhead) to tell duplicates without asking ClickHouse
     /// (`rollup::seen`): the (installation, day) pairs used least recently
     /// are read again from ClickHouse when needed.
     #[arg(
@@ -131,6 +144,14 @@ mod tests {
         assert_eq!(c.clickhouse.url, "http://127.0.0.1:8123");
         assert_eq!(c.clickhouse.database, "usage");
         assert_eq!(c.permanent_retry_secs, 30);
+        assert_eq!(c.workers, 2);
+    }
+
+    #[test]
+    fn workers_are_at_least_one() {
+        assert!(Config::try_parse_from(["usage-processors", "--workers", "0"]).is_err());
+        let c = Config::try_parse_from(["usage-processors", "--workers", "3"]).unwrap();
+        assert_eq!(c.workers, 3);
     }
 
     #[test]

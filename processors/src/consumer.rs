@@ -45,6 +45,10 @@ pub struct RebalanceWatch {
     /// When the latest assignment came (ms, wall clock; 0 before any).
     assigned_at: Arc<AtomicI64>,
     lag: Option<(String, prometheus::IntGaugeVec)>,
+    /// The partitions whose lag this consumer exports: only those it drops
+    /// when it stops owning them, as another worker of the process may
+    /// export the same label by then.
+    exported: Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>>,
 }
 
 impl RebalanceWatch {
@@ -80,6 +84,7 @@ impl ClientContext for RebalanceWatch {
         let Some(topic) = statistics.topics.get(topic) else {
             return;
         };
+        let mut exported = self.exported.lock().unwrap_or_else(|p| p.into_inner());
         for (partition, p) in &topic.partitions {
             if *partition < 0 {
                 continue; // librdkafka's internal "unassigned" partition
@@ -87,7 +92,8 @@ impl ClientContext for RebalanceWatch {
             let label = partition.to_string();
             if p.desired && p.consumer_lag >= 0 {
                 gauge.with_label_values(&[&label]).set(p.consumer_lag);
-            } else {
+                exported.insert(*partition);
+            } else if exported.remove(partition) {
                 let _ = gauge.remove_label_values(&[&label]);
             }
         }

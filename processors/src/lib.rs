@@ -160,70 +160,91 @@ impl Service for Processors {
             .map_err(|e| ProcessorError::Startup(format!("Kafka producer: {e}")))?;
         let processor_metrics = metrics::ProcessorMetrics::register(&metrics);
         let stalls = usage_service_kit::retry::Stalls::default();
-        let engine = governance::engine::Engine::new(governance::engine::EngineSetup {
-            policy,
-            windows: governance::window::WindowConfig {
-                grace_ms: config.governance.grace_ms,
-                skew_ms: config.governance_arrival_skew_ms,
-                ..Default::default()
-            },
-            idle_after: Duration::from_secs(config.governance_idle_secs),
-            plans: plans.clone(),
-            published: published.clone(),
-            producer: governance_producer,
-            kafka: config.kafka.clone(),
-            clickhouse: clickhouse.clone(),
-            metrics: processor_metrics.governance.clone(),
-            crash_after_decisions_stored: config.crash_after_decisions_stored,
+        let workers = usize::from(config.workers.max(1));
+        // Every worker hears of every plan change; only the owner of the
+        // installation's partition acts on it (`Engine::on_plan_change`).
+        let (plan_senders, plan_receivers): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| tokio::sync::mpsc::unbounded_channel::<String>())
+            .unzip();
+        let fan_out_task = tokio::spawn(async move {
+            let mut plan_changes = plan_changes;
+            while let Some(install) = plan_changes.recv().await {
+                for sender in &plan_senders {
+                    let _ = sender.send(install.clone());
+                }
+            }
         });
-        let events = EventsConsumer {
-            consumer: Arc::new(consumer(
-                &config,
-                &config.group,
-                &config.kafka.events_topic,
-                consumer::RebalanceWatch::with_lag(
+        let mut events = Vec::with_capacity(workers);
+        for (index, plan_changes) in plan_receivers.into_iter().enumerate() {
+            let worker_metrics = if index == 0 {
+                processor_metrics.clone()
+            } else {
+                processor_metrics.for_worker()
+            };
+            events.push(EventsConsumer {
+                consumer: Arc::new(consumer(
+                    &config,
+                    &config.group,
                     &config.kafka.events_topic,
-                    processor_metrics.consumer_lag.clone(),
-                ),
-                true,
-            )?),
-            topic: config.kafka.events_topic.clone(),
-            clickhouse: clickhouse.clone(),
-            prices,
-            seen: tokio::sync::Mutex::new(
-                rollup::seen::SeenIds::new(config.seen_ids_max).with_ownership(
-                    rollup::seen::Ownership {
-                        registered_at: {
-                            let plans = plans.clone();
-                            Arc::new(move |install: &str| plans.registered_at(install))
-                        },
-                        clock_margin_ms: config.governance_arrival_skew_ms,
-                    },
-                ),
-            ),
-            limits: BatchLimits {
-                max_events: config.batch_events,
-                max_wait: Duration::from_millis(config.batch_wait_ms),
-            },
-            metrics: processor_metrics,
-            faults: FaultInjection {
-                crash_after_flush: config.crash_after_flush,
-                crash_after_deltas: config.crash_after_deltas,
-                pause_before_erasure_check: config
-                    .pause_before_erasure_check_ms
-                    .map(Duration::from_millis),
-            },
-            governance: engine,
-            plan_changes,
-            ledger: ledger::Ledger {
-                client: clickhouse.clone(),
+                    consumer::RebalanceWatch::with_lag(
+                        &config.kafka.events_topic,
+                        processor_metrics.consumer_lag.clone(),
+                    ),
+                    true,
+                )?),
                 topic: config.kafka.events_topic.clone(),
-                group: config.group.clone(),
-            },
-            kafka: config.kafka.client_config(),
-            stalls: stalls.clone(),
-            permanent_retry: Duration::from_secs(config.permanent_retry_secs),
-        };
+                clickhouse: clickhouse.clone(),
+                prices: prices.clone(),
+                seen: tokio::sync::Mutex::new(
+                    rollup::seen::SeenIds::new((config.seen_ids_max / workers).max(1))
+                        .with_ownership(rollup::seen::Ownership {
+                            registered_at: {
+                                let plans = plans.clone();
+                                Arc::new(move |install: &str| plans.registered_at(install))
+                            },
+                            clock_margin_ms: config.governance_arrival_skew_ms,
+                        }),
+                ),
+                limits: BatchLimits {
+                    max_events: config.batch_events,
+                    max_wait: Duration::from_millis(config.batch_wait_ms),
+                },
+                faults: FaultInjection {
+                    crash_after_flush: config.crash_after_flush,
+                    crash_after_deltas: config.crash_after_deltas,
+                    pause_before_erasure_check: config
+                        .pause_before_erasure_check_ms
+                        .map(Duration::from_millis),
+                },
+                governance: governance::engine::Engine::new(governance::engine::EngineSetup {
+                    policy: policy.clone(),
+                    windows: governance::window::WindowConfig {
+                        grace_ms: config.governance.grace_ms,
+                        skew_ms: config.governance_arrival_skew_ms,
+                        ..Default::default()
+                    },
+                    idle_after: Duration::from_secs(config.governance_idle_secs),
+                    plans: plans.clone(),
+                    published: published.clone(),
+                    producer: governance_producer.clone(),
+                    kafka: config.kafka.clone(),
+                    clickhouse: clickhouse.clone(),
+                    metrics: worker_metrics.governance.clone(),
+                    crash_after_decisions_stored: config.crash_after_decisions_stored,
+                }),
+                metrics: worker_metrics,
+                plan_changes,
+                ledger: ledger::Ledger {
+                    client: clickhouse.clone(),
+                    topic: config.kafka.events_topic.clone(),
+                    group: config.group.clone(),
+                },
+                kafka: config.kafka.client_config(),
+                stalls: stalls.clone(),
+                permanent_retry: Duration::from_secs(config.permanent_retry_secs),
+            });
+        }
+        tracing::info!(workers, "events workers");
         let mut events_shutdown = shutdown_rx.clone();
         let events_task = tokio::spawn(async move {
             // No event is priced before the price table is known, nor
@@ -244,7 +265,12 @@ impl Service for Processors {
                 _ = events_shutdown.changed() => return,
             }
             tracing::info!("prices and plans loaded: consuming the events topic");
-            events.run(events_shutdown).await;
+            // Dropped (on a stop that took too long), the set aborts them.
+            let mut running = tokio::task::JoinSet::new();
+            for worker in events {
+                running.spawn(worker.run(events_shutdown.clone()));
+            }
+            while running.join_next().await.is_some() {}
         });
 
         let installations = installations::run(
@@ -286,6 +312,7 @@ impl Service for Processors {
                 installations_task,
                 topics,
                 price_task,
+                fan_out_task,
                 plans_task,
                 published_task,
             ],

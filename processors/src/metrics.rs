@@ -1,9 +1,40 @@
 //! The processors' Prometheus metrics.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
 use usage_service_kit::Metrics;
+
+/// One worker's part of a gauge of the whole process (the worker's ids kept,
+/// partitions owned, installations governed): setting it moves the exported
+/// total by the change, so the gauge reads the sum over the workers.
+#[derive(Clone)]
+pub struct GaugeShare {
+    total: IntGauge,
+    mine: Arc<AtomicI64>,
+}
+
+impl GaugeShare {
+    pub fn new(total: IntGauge) -> Self {
+        Self {
+            total,
+            mine: Arc::default(),
+        }
+    }
+
+    pub fn set(&self, value: i64) {
+        let before = self.mine.swap(value, Ordering::Relaxed);
+        self.total.add(value - before);
+    }
+
+    /// Another worker's share of the same total, starting at 0.
+    pub fn fresh(&self) -> Self {
+        Self::new(self.total.clone())
+    }
+}
 
 #[derive(Clone)]
 pub struct ProcessorMetrics {
@@ -26,10 +57,10 @@ pub struct ProcessorMetrics {
     /// `known` empty (only this instance wrote them).
     pub seen_days_loaded: IntCounterVec,
     /// Stored event ids kept in memory, and their (installation, day) pairs.
-    pub seen_ids: IntGauge,
-    pub seen_days: IntGauge,
+    pub seen_ids: GaugeShare,
+    pub seen_days: GaugeShare,
     /// Partitions of the events topic this instance owns right now.
-    pub assigned_partitions: IntGauge,
+    pub assigned_partitions: GaugeShare,
     /// Batches redone with their recorded offsets on taking partitions over.
     pub redone_batches: IntCounter,
     /// Per owned partition: messages not yet committed (librdkafka's
@@ -176,9 +207,9 @@ impl ProcessorMetrics {
             ),
             flush_seconds,
             flush_phase_seconds,
-            seen_ids,
-            seen_days,
-            assigned_partitions,
+            seen_ids: GaugeShare::new(seen_ids),
+            seen_days: GaugeShare::new(seen_days),
+            assigned_partitions: GaugeShare::new(assigned_partitions),
             governance: crate::governance::engine::GovernanceMetrics {
                 too_late: Some(counter(
                     metrics,
@@ -197,7 +228,7 @@ impl ProcessorMetrics {
                     )
                     .expect("static metric definition");
                     metrics.register(Box::new(g.clone()));
-                    g
+                    GaugeShare::new(g)
                 }),
                 evicted: Some(counter(
                     metrics,
@@ -231,5 +262,47 @@ impl ProcessorMetrics {
                 )),
             },
         }
+    }
+
+    /// The metrics of one more worker: the same counters and histograms,
+    /// its own shares of the gauges.
+    pub fn for_worker(&self) -> Self {
+        let mut worker = self.clone();
+        worker.seen_ids = self.seen_ids.fresh();
+        worker.seen_days = self.seen_days.fresh();
+        worker.assigned_partitions = self.assigned_partitions.fresh();
+        worker.governance.installations = self
+            .governance
+            .installations
+            .as_ref()
+            .map(GaugeShare::fresh);
+        worker
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gauge_reads_the_sum_of_its_shares() {
+        let total = IntGauge::new("t", "t").unwrap();
+        let one = GaugeShare::new(total.clone());
+        let two = one.fresh();
+        one.set(6);
+        two.set(6);
+        assert_eq!(total.get(), 12);
+        // A worker that loses its partitions moves only its own part.
+        one.set(0);
+        assert_eq!(total.get(), 6);
+        two.set(4);
+        one.set(8);
+        assert_eq!(total.get(), 12);
+        two.set(4);
+        assert_eq!(
+            total.get(),
+            12,
+            "setting the same value again changes nothing"
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! and the offset commit, killed between the rollup deltas and the raw
 //! events and restarted with other batch sizes, killed at random
 //! mid-stream, one of two instances killed while the survivor takes
-//! over, and a table gone from under them (a fault no retry cures). Every
+//! over, workers of one process sharing its partitions and one of them
+//! killed with it, and a table gone from under them (a fault no retry cures). Every
 //! number stays exact.
 
 use std::time::Duration;
@@ -270,6 +271,75 @@ async fn two_instances_share_the_partitions_and_the_survivor_takes_over() {
         wait_exact(&p, s, *e).await;
     }
     two.kill().await;
+    p.stop().await;
+}
+
+/// Workers of one process are members of the group like instances: three
+/// of them split the 4 partitions, the process reports their sums (owned
+/// partitions, every partition's lag), and when the process dies mid-stream
+/// a replacement with another worker count finishes exactly.
+#[tokio::test]
+async fn workers_of_one_process_split_the_partitions_and_a_replacement_finishes_exactly() {
+    let p = Pipeline::start(false).await;
+    let sites: Vec<Site> = (40..56).map(Site::new).collect();
+    for s in &sites {
+        assert_eq!(p.register(s, "pro").await.0, 201);
+    }
+    let group = unique("group");
+    let three = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "15", "--workers", "3"],
+    );
+    eventually(
+        "the three workers to own the 4 partitions",
+        Duration::from_secs(60),
+        || async { (three.partitions().await == 4).then_some(()) },
+    )
+    .await;
+    let mut expected = vec![(0u64, 0u64); sites.len()];
+    for round in 0..3u128 {
+        for (i, s) in sites.iter().enumerate() {
+            let (n, t) = send_batches(&p, s, 60 + round, 1, 10).await;
+            expected[i].0 += n;
+            expected[i].1 += t;
+        }
+    }
+    for (s, e) in sites.iter().zip(&expected) {
+        wait_exact(&p, s, *e).await;
+    }
+    eventually(
+        "every partition's lag, exported once and zero",
+        Duration::from_secs(30),
+        || async {
+            let lag = three.lag().await;
+            (lag.len() == 4 && lag.values().all(|l| *l == 0)).then_some(())
+        },
+    )
+    .await;
+
+    // More traffic, and the process killed while it consumes it.
+    for round in 3..6u128 {
+        for (i, s) in sites.iter().enumerate() {
+            let (n, t) = send_batches(&p, s, 60 + round, 1, 10).await;
+            expected[i].0 += n;
+            expected[i].1 += t;
+        }
+    }
+    three.kill().await;
+    let one = ProcessorProcess::spawn(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &["--batch-events", "7", "--workers", "1"],
+    );
+    for (s, e) in sites.iter().zip(&expected) {
+        wait_exact(&p, s, *e).await;
+    }
+    one.kill().await;
     p.stop().await;
 }
 

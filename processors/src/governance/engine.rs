@@ -120,7 +120,8 @@ struct Item<'a> {
 pub struct GovernanceMetrics {
     pub too_late: Option<prometheus::IntCounter>,
     pub decisions: Option<prometheus::IntCounter>,
-    pub installations: Option<prometheus::IntGauge>,
+    /// This engine's share of the installations in memory.
+    pub installations: Option<crate::metrics::GaugeShare>,
     pub evicted: Option<prometheus::IntCounter>,
     /// Installations rebuilt from ClickHouse, and the time their queries took.
     pub rebuilt: Option<prometheus::IntCounter>,
