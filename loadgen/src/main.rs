@@ -686,12 +686,22 @@ impl ProcessorTime {
 
 /// Raw events stored since `since_ms` (received_at), read from ClickHouse:
 /// the processors store a batch's raw events last, after its rollups.
-async fn stored_since(ch: &clickhouse::Client, since_ms: i64) -> u64 {
-    ch.query("SELECT count() FROM usage_events WHERE received_at >= fromUnixTimestamp64Milli({since:Int64})")
-        .param("since", since_ms)
-        .fetch_one::<u64>()
-        .await
-        .unwrap_or(0)
+/// `distinct`: each event once by the table's key, even if two copies are
+/// stored until a merge (two owners of a partition during a rebalance);
+/// otherwise rows. `None` when ClickHouse does not answer.
+async fn stored_since(ch: &clickhouse::Client, since_ms: i64, distinct: bool) -> Option<u64> {
+    let counted = if distinct {
+        "uniqExact(install_id, toDate(created_at), event_id)"
+    } else {
+        "count()"
+    };
+    ch.query(&format!(
+        "SELECT {counted} FROM usage_events WHERE received_at >= fromUnixTimestamp64Milli({{since:Int64}})"
+    ))
+    .param("since", since_ms)
+    .fetch_one::<u64>()
+    .await
+    .ok()
 }
 
 /// Rows in the active parts of `usage_events`: metadata only, so it can be
@@ -810,7 +820,7 @@ async fn main() -> anyhow::Result<()> {
     let ch = args.clickhouse.client();
     // Events of this run are received from now on (the gateway stamps them).
     let run_began_ms = chrono::Utc::now().timestamp_millis() - 1_000;
-    let stored_before = stored_since(&ch, run_began_ms).await;
+    let stored_before = stored_since(&ch, run_began_ms, true).await.unwrap_or(0);
     let parts_before = rows_in_parts(&ch).await;
     let processors_pid = args
         .pid_dir
@@ -935,8 +945,16 @@ async fn main() -> anyhow::Result<()> {
         let in_parts = rows_in_parts(&ch).await.saturating_sub(parts_before);
         if in_parts >= distinct || exact_asked.elapsed() >= Duration::from_secs(2) {
             exact_asked = Instant::now();
-            let stored = stored_since(&ch, run_began_ms).await - stored_before;
-            if stored >= distinct {
+            let new_since = |n: u64| n.saturating_sub(stored_before);
+            let rows = stored_since(&ch, run_began_ms, false).await.map(new_since);
+            // Rows may count a copy twice: the distinct count decides.
+            let stored = match rows {
+                Some(rows) if rows >= distinct => {
+                    stored_since(&ch, run_began_ms, true).await.map(new_since)
+                }
+                _ => None,
+            };
+            if stored.is_some_and(|stored| stored >= distinct) {
                 drained_at = Some(drain_from.elapsed().as_secs_f64());
                 break;
             }
@@ -1017,7 +1035,10 @@ async fn main() -> anyhow::Result<()> {
         freshness_us: &mut freshness,
         enforcement_us: &mut enforcement,
         drained_at,
-        processor_inserted: stored_since(&ch, run_began_ms).await - stored_before,
+        processor_inserted: stored_since(&ch, run_began_ms, true)
+            .await
+            .unwrap_or(0)
+            .saturating_sub(stored_before),
         bare,
         rss: report::peak_rss(args.pid_dir.as_deref()),
         mismatches: mismatches.len(),

@@ -101,6 +101,8 @@ pub struct Config {
     pub governance_idle_secs: u64,
     /// TEST ONLY: abort right after the N-th batch reached ClickHouse, before
     /// its offsets are committed (proves redelivery counts nothing twice).
+    /// This and the other crash counts are per worker: the first worker to
+    /// reach N aborts the process.
     #[arg(long, env = "USAGE_PROCESSORS_CRASH_AFTER_FLUSH", hide = true)]
     pub crash_after_flush: Option<u64>,
     /// TEST ONLY: abort in the N-th flush after its rollup deltas are

@@ -45,17 +45,29 @@ pub struct RebalanceWatch {
     /// When the latest assignment came (ms, wall clock; 0 before any).
     assigned_at: Arc<AtomicI64>,
     lag: Option<(String, prometheus::IntGaugeVec)>,
-    /// The partitions whose lag this consumer exports: only those it drops
-    /// when it stops owning them, as another worker of the process may
-    /// export the same label by then.
-    exported: Arc<std::sync::Mutex<std::collections::BTreeSet<i32>>>,
+    /// Which worker of the process exports each partition's lag: a worker
+    /// drops a partition's label when it stops owning it only if no other
+    /// worker has taken the label over since.
+    exporters: Exporters,
+    worker: usize,
 }
 
+/// Partition to the worker exporting its lag, shared by a process's workers.
+pub type Exporters = Arc<std::sync::Mutex<BTreeMap<i32, usize>>>;
+
 impl RebalanceWatch {
-    /// A watch that also sets `lag` (labelled by partition) for `topic`.
-    pub fn with_lag(topic: &str, lag: prometheus::IntGaugeVec) -> Self {
+    /// A watch that also sets `lag` (labelled by partition) for `topic`,
+    /// as `worker` of the workers sharing `exporters`.
+    pub fn with_lag(
+        topic: &str,
+        lag: prometheus::IntGaugeVec,
+        exporters: Exporters,
+        worker: usize,
+    ) -> Self {
         Self {
             lag: Some((topic.to_string(), lag)),
+            exporters,
+            worker,
             ..Self::default()
         }
     }
@@ -84,7 +96,7 @@ impl ClientContext for RebalanceWatch {
         let Some(topic) = statistics.topics.get(topic) else {
             return;
         };
-        let mut exported = self.exported.lock().unwrap_or_else(|p| p.into_inner());
+        let mut exporters = self.exporters.lock().unwrap_or_else(|p| p.into_inner());
         for (partition, p) in &topic.partitions {
             if *partition < 0 {
                 continue; // librdkafka's internal "unassigned" partition
@@ -92,8 +104,9 @@ impl ClientContext for RebalanceWatch {
             let label = partition.to_string();
             if p.desired && p.consumer_lag >= 0 {
                 gauge.with_label_values(&[&label]).set(p.consumer_lag);
-                exported.insert(*partition);
-            } else if exported.remove(partition) {
+                exporters.insert(*partition, self.worker);
+            } else if exporters.get(partition) == Some(&self.worker) {
+                exporters.remove(partition);
                 let _ = gauge.remove_label_values(&[&label]);
             }
         }

@@ -175,6 +175,7 @@ impl Service for Processors {
             }
         });
         let mut events = Vec::with_capacity(workers);
+        let lag_exporters = consumer::Exporters::default();
         for (index, plan_changes) in plan_receivers.into_iter().enumerate() {
             let worker_metrics = if index == 0 {
                 processor_metrics.clone()
@@ -189,6 +190,8 @@ impl Service for Processors {
                     consumer::RebalanceWatch::with_lag(
                         &config.kafka.events_topic,
                         processor_metrics.consumer_lag.clone(),
+                        lag_exporters.clone(),
+                        index,
                     ),
                     true,
                 )?),
@@ -240,7 +243,7 @@ impl Service for Processors {
                     group: config.group.clone(),
                 },
                 kafka: config.kafka.client_config(),
-                stalls: stalls.clone(),
+                stalls: stalls.for_worker(index),
                 permanent_retry: Duration::from_secs(config.permanent_retry_secs),
             });
         }
@@ -270,7 +273,11 @@ impl Service for Processors {
             for worker in events {
                 running.spawn(worker.run(events_shutdown.clone()));
             }
-            while running.join_next().await.is_some() {}
+            while let Some(ended) = running.join_next().await {
+                if let Err(err) = ended {
+                    tracing::error!(%err, "an events worker ended abnormally; its consumer left the group and the other workers take its partitions over");
+                }
+            }
         });
 
         let installations = installations::run(

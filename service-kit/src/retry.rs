@@ -169,23 +169,35 @@ impl Backoff {
 
 /// The stages of a service held up by a permanent fault, and why: shown
 /// by `/ready` (the "pipeline" probe) and counted by the caller's metric.
+/// Each worker of a process reports through its own handle
+/// ([`Stalls::for_worker`]): one worker's stage moving again does not hide
+/// another's that is still held up.
 #[derive(Clone, Default)]
 pub struct Stalls {
-    stages: Arc<Mutex<BTreeMap<&'static str, String>>>,
+    stages: Arc<Mutex<BTreeMap<(usize, &'static str), String>>>,
+    worker: usize,
 }
 
 impl Stalls {
+    /// The handle of worker `worker` on the same stalls.
+    pub fn for_worker(&self, worker: usize) -> Self {
+        Self {
+            stages: Arc::clone(&self.stages),
+            worker,
+        }
+    }
+
     /// `stage` is held up by `detail` (logged by the caller).
     pub fn stalled(&self, stage: &'static str, detail: String) {
-        self.lock().insert(stage, detail);
+        self.lock().insert((self.worker, stage), detail);
     }
 
-    /// `stage` moves again.
+    /// `stage` moves again (for this handle's worker).
     pub fn moving(&self, stage: &'static str) {
-        self.lock().remove(stage);
+        self.lock().remove(&(self.worker, stage));
     }
 
-    /// How many stages are held up.
+    /// How many stages are held up, over every worker.
     pub fn count(&self) -> usize {
         self.lock().len()
     }
@@ -197,7 +209,9 @@ impl Stalls {
             let stalled: Vec<String> = stalls
                 .lock()
                 .iter()
-                .map(|(stage, detail)| format!("{stage} stalled: {detail}"))
+                .map(|((worker, stage), detail)| {
+                    format!("{stage} stalled (worker {worker}): {detail}")
+                })
                 .collect();
             async move {
                 if stalled.is_empty() {
@@ -209,7 +223,7 @@ impl Stalls {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(usize, &'static str), String>> {
         self.stages.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -217,6 +231,20 @@ impl Stalls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_workers_stage_moving_does_not_clear_anothers_stall() {
+        let stalls = Stalls::default();
+        let (one, two) = (stalls.for_worker(0), stalls.for_worker(1));
+        one.stalled("governance", "no grant".into());
+        two.moving("governance");
+        assert_eq!(stalls.count(), 1);
+        two.stalled("write", "no table".into());
+        assert_eq!(stalls.count(), 2);
+        one.moving("governance");
+        two.moving("write");
+        assert_eq!(stalls.count(), 0);
+    }
 
     fn bad(message: &str) -> clickhouse::error::Error {
         clickhouse::error::Error::BadResponse(message.into())
@@ -274,7 +302,7 @@ mod tests {
         stalls.stalled("write", "Code: 60. UNKNOWN_TABLE".into());
         assert_eq!(
             probe.run().await,
-            Err("write stalled: Code: 60. UNKNOWN_TABLE".to_string())
+            Err("write stalled (worker 0): Code: 60. UNKNOWN_TABLE".to_string())
         );
         assert_eq!(stalls.count(), 1);
         stalls.moving("write");
