@@ -48,9 +48,10 @@ pub struct Config {
     #[arg(long, env = "USAGE_PROCESSORS_BATCH_EVENTS", default_value_t = 50_000)]
     pub batch_events: usize,
     /// Most stored event ids kept in memory by the process, shared evenly
-    /// by its workers (16 bytes each, about 20 with the set's overhead) to tell duplicates without asking ClickHouse
-    /// (`rollup::seen`): the (installation, day) pairs used least recently
-    /// are read again from ClickHouse when needed.
+    /// by its workers (16 bytes each, about 20 with the set's overhead), to
+    /// tell duplicates without asking ClickHouse (`rollup::seen`): the
+    /// (installation, day) pairs used least recently are read again from
+    /// ClickHouse when needed.
     #[arg(
         long,
         env = "USAGE_PROCESSORS_SEEN_IDS_MAX",

@@ -36,9 +36,9 @@ pub struct ClickHouseArgs {
     )]
     pub password: String,
     /// Compression of what travels to and from ClickHouse: `lz4` (less
-    /// network, more CPU on both ends) or `none` (for a server on the same
-    /// machine or a fast local network, where the CPU costs more than the
-    /// bytes).
+    /// network, more CPU on both ends) or `none` (no compression CPU, more
+    /// bytes). With a server on the same machine `none` drained no faster
+    /// in BENCHMARKS.md, so lz4 stays the default.
     #[arg(
         long = "clickhouse-compression",
         env = "USAGE_CLICKHOUSE_COMPRESSION",
