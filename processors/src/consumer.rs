@@ -115,18 +115,25 @@ impl ClientContext for RebalanceWatch {
 
 impl ConsumerContext for RebalanceWatch {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if matches!(rebalance, Rebalance::Revoke(_)) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            tracing::info!(worker = self.worker, partitions = ?partitions_of(tpl), "partitions revoked");
             self.revoked.store(true, Ordering::SeqCst);
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if matches!(rebalance, Rebalance::Assign(_)) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(worker = self.worker, partitions = ?partitions_of(tpl), "partitions assigned");
             self.assigned_at
                 .store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
             self.assigned.store(true, Ordering::SeqCst);
         }
     }
+}
+
+/// The partitions of a rebalance's list, for its log line.
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
 }
 
 /// Which installations this instance owns: its assigned partitions of the
@@ -495,7 +502,7 @@ impl EventsConsumer {
             {
                 return None;
             }
-            if let Err(err) = self.ledger.done(&batch).await {
+            if let Err(err) = self.ledger.done_in(&batch, |p| owned.contains(&p)).await {
                 tracing::warn!(%err, "could not mark a redone batch done; the next owner redoes it (harmless)");
             }
             for r in batch.ranges.iter().filter(|r| owned.contains(&r.partition)) {

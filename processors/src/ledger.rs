@@ -111,8 +111,20 @@ impl Ledger {
 
     /// Marks `batch` done (at shutdown; otherwise with the next record).
     pub async fn done(&self, batch: &RecordedBatch) -> Result<(), clickhouse::error::Error> {
+        self.done_in(batch, |_| true).await
+    }
+
+    /// Marks `batch` done in the partitions `governed` says this instance
+    /// governed it in: a batch redone on taking over some of its partitions
+    /// stays unfinished for the owners of the others, who redo it (its
+    /// writes add nothing twice) and govern their events of it.
+    pub async fn done_in(
+        &self,
+        batch: &RecordedBatch,
+        governed: impl Fn(i32) -> bool,
+    ) -> Result<(), clickhouse::error::Error> {
         let mut insert = self.client.insert::<LedgerRow>("processor_batches").await?;
-        for row in self.rows(batch, "done") {
+        for row in self.rows(batch, "done").filter(|r| governed(r.partition)) {
             insert.write(&row).await?;
         }
         insert.end().await
