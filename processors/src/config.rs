@@ -31,15 +31,12 @@ pub struct Config {
     /// state, exactly like separate instances: while one waits on
     /// ClickHouse, another decodes and counts its next batch (one worker
     /// alone leaves both the processor and ClickHouse idle half the time).
-    /// More workers than partitions leaves some idle. The default stays 1
-    /// until a race seen once in CI is understood: a replacement of two
-    /// workers, taking over a batch whose first attempt died before
-    /// governing it, published the block without its decisions
-    /// (`governance::a_processor_that_dies_between_its_writes...`).
+    /// More workers than partitions leaves some idle. Two by default: on
+    /// two cores they drain 1.2-1.5 times what one does (BENCHMARKS.md).
     #[arg(
         long,
         env = "USAGE_PROCESSORS_WORKERS",
-        default_value_t = 1,
+        default_value_t = 2,
         value_parser = clap::value_parser!(u16).range(1..=256)
     )]
     pub workers: u16,
@@ -151,7 +148,7 @@ mod tests {
         assert_eq!(c.clickhouse.url, "http://127.0.0.1:8123");
         assert_eq!(c.clickhouse.database, "usage");
         assert_eq!(c.permanent_retry_secs, 30);
-        assert_eq!(c.workers, 1);
+        assert_eq!(c.workers, 2);
     }
 
     #[test]

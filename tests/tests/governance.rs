@@ -590,10 +590,15 @@ async fn kinds(p: &Pipeline, site: &Site) -> Vec<String> {
         .collect()
 }
 
-/// Waits (10 s at most) until the installation's decision kinds are
-/// `expected` (the processor writes them a moment after its batch).
+/// Waits (30 s at most) until the installation's decision kinds are
+/// `expected` (the processor writes them a moment after its batch). After
+/// a crash that is longer: a replacement owns the partitions only once the
+/// dead members' sessions expired, and a member that was still joining
+/// when it died makes that two session timeouts (11 s measured under
+/// load). The gateway's own report (`wait_report`) does not wait for it:
+/// it counts what it accepted.
 async fn assert_kinds(p: &Pipeline, site: &Site, expected: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let got = kinds(p, site).await;
         if got == expected {
@@ -837,6 +842,93 @@ async fn a_processor_that_dies_between_its_writes_and_its_decisions_still_blocks
     )
     .await;
     assert_eq!(admit(&p, &site).await["reason"], "plan_limit_reached");
+    replacement.kill().await;
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_batch_over_partitions_that_two_workers_then_split_is_governed_by_both() {
+    // One worker writes the events of two sites, on partitions that the
+    // two workers of the replacement split between them (the range
+    // assignor gives each half), in one batch, then dies before governing.
+    let p = Pipeline::start(false).await;
+    let partitions = p.kafka.events_partitions;
+    let part =
+        |s: &Site| usage_service_kit::kafka::partition_for_key(s.install_id.as_bytes(), partitions);
+    let first_half = (30..).map(Site::new).find(|s| part(s) < partitions / 2);
+    let second_half = (30..).map(Site::new).find(|s| part(s) >= partitions / 2);
+    let sites = [first_half.unwrap(), second_half.unwrap()];
+    for site in &sites {
+        assert_eq!(p.register(site, "free").await.0, 201);
+    }
+    base(0, 120_000, Within::Day).await;
+    for site in &sites {
+        send_now(&p, site, 0..50, 10, 100).await;
+    }
+    let group = unique("group");
+    ProcessorProcess::run_until_fault(
+        BIN,
+        &p.kafka,
+        &p.clickhouse,
+        &group,
+        &[
+            "--workers",
+            "1",
+            "--batch-events",
+            "100",
+            "--crash-after-flush",
+            "1",
+        ],
+    )
+    .await;
+    let recorded: Vec<i32> = p
+        .clickhouse
+        .client()
+        .query(
+            "SELECT DISTINCT partition FROM processor_batches
+             WHERE consumer_group = ? AND state = 'recorded' ORDER BY partition",
+        )
+        .bind(&group)
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(
+        recorded,
+        [part(&sites[0]), part(&sites[1])],
+        "one batch over both"
+    );
+
+    // Each worker of the replacement redoes the batch (its writes add
+    // nothing twice) and governs its own site's events of it.
+    let replacement =
+        ProcessorProcess::spawn(BIN, &p.kafka, &p.clickhouse, &group, &["--workers", "2"]);
+    for site in &sites {
+        assert_kinds(&p, site, &["cap_warning", "cap_critical", "blocked"]).await;
+        assert_eq!(p.raw_totals(site).await, (50, 5000));
+        assert_eq!(p.rollup_requests(site).await, [50, 50, 50]);
+    }
+    wait_metric(
+        &replacement,
+        "usage_governance_events_recovered_total",
+        |n| n == 100,
+    )
+    .await;
+    // Every partition of the batch ends marked done, by its governor.
+    eventually("the batch done", Duration::from_secs(30), || async {
+        let undone: Vec<i32> = p
+            .clickhouse
+            .client()
+            .query(
+                "SELECT partition FROM processor_batches WHERE consumer_group = ?
+                 GROUP BY partition HAVING countIf(state = 'done') = 0",
+            )
+            .bind(&group)
+            .fetch_all()
+            .await
+            .unwrap();
+        undone.is_empty().then_some(())
+    })
+    .await;
     replacement.kill().await;
     p.stop().await;
 }
