@@ -7,9 +7,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer};
 use usage_service_kit::kafka::KafkaArgs;
+use usage_service_kit::produce::{send_acknowledged, Outgoing};
 
 /// One Kafka message: key and single-object-encoded value (`None` = tombstone).
 pub struct Record {
@@ -71,48 +72,19 @@ impl KafkaSink {
 
 impl RecordSink for KafkaSink {
     async fn send_all(&self, topic: &str, records: Vec<Record>) -> Result<(), SinkError> {
+        // A record that times out may still reach the log; the plugin's
+        // retry then repeats its event ids, which the processors count once.
+        let outgoing: Vec<Outgoing<'_>> = records.iter().map(outgoing).collect();
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut deliveries = Vec::with_capacity(records.len());
-        for record in &records {
-            let mut message = FutureRecord::to(topic).key(record.key.as_str());
-            if let Some(value) = &record.value {
-                message = message.payload(value.as_slice());
-            }
-            // Enqueue without awaiting: every record of the batch is in flight
-            // at once; a full local queue waits briefly, within the deadline.
-            loop {
-                match self.producer.send_result(message) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), m)) => {
-                        if tokio::time::Instant::now() >= deadline {
-                            return Err(SinkError::Unavailable("producer queue full".into()));
-                        }
-                        message = m;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((err, _)) => return Err(SinkError::Unavailable(err.to_string())),
-                }
-            }
-        }
-        for delivery in deliveries {
-            // librdkafka checks message timeouts once a second: the request's
-            // own deadline holds to the millisecond. A record that times out
-            // here may still reach the log; the plugin's retry then repeats
-            // its event ids, which the processors count once.
-            let Ok(delivered) = tokio::time::timeout_at(deadline, delivery).await else {
-                return Err(SinkError::Unavailable(
-                    "Kafka did not confirm in time".into(),
-                ));
-            };
-            match delivered {
-                Ok(Ok(_)) => {}
-                Ok(Err((err, _))) => return Err(SinkError::Unavailable(err.to_string())),
-                Err(_canceled) => return Err(SinkError::Unavailable("producer shut down".into())),
-            }
-        }
-        Ok(())
+        send_acknowledged(&self.producer, topic, &outgoing, deadline)
+            .await
+            .map_err(|e| SinkError::Unavailable(e.to_string()))
+    }
+}
+
+fn outgoing(record: &Record) -> Outgoing<'_> {
+    Outgoing {
+        key: record.key.as_str(),
+        value: record.value.as_deref(),
     }
 }

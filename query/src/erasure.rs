@@ -21,9 +21,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clickhouse::{Client, Row};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use serde::Serialize;
 use usage_service_kit::kafka::KafkaArgs;
+use usage_service_kit::produce::{send_acknowledged, Outgoing};
 
 use crate::error::QueryError;
 use crate::events::iso_millis;
@@ -73,12 +74,11 @@ impl Eraser {
     }
 
     async fn tombstone(&self, topic: &str, install_id: &str) -> Result<(), QueryError> {
-        let record = FutureRecord::<str, [u8]>::to(topic).key(install_id);
-        self.producer
-            .send(record, Duration::from_secs(10))
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let tombstone = [Outgoing::tombstone(install_id)];
+        send_acknowledged(&self.producer, topic, &tombstone, deadline)
             .await
-            .map(|_| ())
-            .map_err(|(e, _)| QueryError::Kafka(e.to_string()))
+            .map_err(|e| QueryError::Kafka(e.to_string()))
     }
 
     pub async fn erase(&self, install_id: &str, by: &str) -> Result<Erased, QueryError> {

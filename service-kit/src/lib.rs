@@ -18,6 +18,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod periods;
 pub mod policy;
+pub mod produce;
 pub mod retry;
 pub mod server;
 pub mod service;

@@ -24,13 +24,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use clap::Parser;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use serde_json::json;
 use sha2::Digest;
 use usage_schemas::{AvroRecord, UsageEvent};
 use usage_service_kit::auth::{Claims, JwtVerifier, Role, DEV_SECRET};
 use usage_service_kit::clickhouse::ClickHouseArgs;
 use usage_service_kit::kafka::KafkaArgs;
+use usage_service_kit::produce::{send_acknowledged, Outgoing};
 
 #[derive(Debug, Parser)]
 #[command(name = "usage-demo-history")]
@@ -417,7 +418,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_default();
             *per_day.entry(day).or_default() += 1;
         }
-        let mut deliveries = Vec::new();
+        let mut encoded: Vec<(&str, Vec<u8>)> = Vec::new();
         for e in &events {
             let day = DateTime::from_timestamp_millis(e.created_at)
                 .map(|t| t.date_naive().to_string())
@@ -429,34 +430,18 @@ async fn main() -> anyhow::Result<()> {
             if have >= per_day.get(&day).copied().unwrap_or(0) {
                 continue;
             }
-            let value = e.to_wire().context("encoding an event")?;
-            let mut record = FutureRecord::to(&args.kafka.events_topic)
-                .key(e.install_id.as_str())
-                .payload(&value);
-            loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => break deliveries.push(delivery),
-                    Err((
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull,
-                        ),
-                        back,
-                    )) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    Err((err, _)) => bail!("Kafka refused an event: {err}"),
-                }
-            }
-            sent += 1;
+            encoded.push((
+                e.install_id.as_str(),
+                e.to_wire().context("encoding an event")?,
+            ));
         }
-        for d in deliveries {
-            match d.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => bail!("Kafka did not take an event: {e}"),
-                Err(_) => bail!("the Kafka producer stopped"),
-            }
-        }
+        let outgoing: Vec<Outgoing<'_>> =
+            encoded.iter().map(|(k, v)| Outgoing::new(k, v)).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        send_acknowledged(&producer, &args.kafka.events_topic, &outgoing, deadline)
+            .await
+            .context("appending the demo's events to Kafka")?;
+        sent += encoded.len() as u64;
     }
     println!(
         "    {sent} events appended to {} ({} in the demo's {days} days; the rest were there)",

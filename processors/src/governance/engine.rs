@@ -51,12 +51,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clickhouse::{Client, Row};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use usage_schemas::wire::AvroRecord;
 use usage_schemas::UsageEvent;
 use usage_service_kit::kafka::KafkaArgs;
+use usage_service_kit::produce::{send_acknowledged, Outgoing};
 
 use usage_service_kit::periods;
 
@@ -356,14 +357,11 @@ impl Engine {
         self.lose(install_id);
         self.installs.remove(install_id);
         self.report_size();
-        let record =
-            FutureRecord::<str, [u8]>::to(&self.setup.kafka.governance_topic).key(install_id);
-        self.setup
-            .producer
-            .send(record, Duration::from_secs(10))
+        let tombstone = [Outgoing::tombstone(install_id)];
+        let topic = &self.setup.kafka.governance_topic;
+        send_acknowledged(&self.setup.producer, topic, &tombstone, kafka_deadline())
             .await
-            .map(|_| ())
-            .map_err(|(e, _)| EngineError::Kafka(e.to_string()))
+            .map_err(|e| EngineError::Kafka(e.to_string()))
     }
 
     /// Drops the state of installations idle for `idle_after` (looked at
@@ -1304,40 +1302,23 @@ impl Engine {
         records: &[R],
         key: fn(&R) -> &str,
     ) -> Result<(), EngineError> {
-        let kafka_err = |e: String| EngineError::Kafka(e);
-        let timeout = Duration::from_secs(10);
         let encoded = records
             .iter()
             .map(|r| r.to_wire().map(|bytes| (key(r), bytes)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| kafka_err(e.to_string()))?;
-        let mut deliveries = Vec::with_capacity(encoded.len());
-        for (key, value) in &encoded {
-            let mut record = FutureRecord::to(topic).key(*key).payload(value.as_slice());
-            let deadline = tokio::time::Instant::now() + timeout;
-            loop {
-                match self.setup.producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        break;
-                    }
-                    Err((_, r)) if tokio::time::Instant::now() < deadline => {
-                        record = r;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => return Err(kafka_err(e.to_string())),
-                }
-            }
-        }
-        for d in deliveries {
-            match d.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(kafka_err(e.to_string())),
-                Err(_) => return Err(kafka_err("producer shut down".into())),
-            }
-        }
-        Ok(())
+            .map_err(|e| EngineError::Kafka(e.to_string()))?;
+        let outgoing: Vec<Outgoing<'_>> =
+            encoded.iter().map(|(k, v)| Outgoing::new(k, v)).collect();
+        send_acknowledged(&self.setup.producer, topic, &outgoing, kafka_deadline())
+            .await
+            .map_err(|e| EngineError::Kafka(e.to_string()))
     }
+}
+
+/// How long one governance send may wait for Kafka before the batch's
+/// governance is retried.
+fn kafka_deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(10)
 }
 
 #[cfg(test)]
