@@ -1316,7 +1316,9 @@ impl Engine {
 }
 
 /// How long one governance send may wait for Kafka before the batch's
-/// governance is retried.
+/// publication is retried. A resend after a timeout repeats the same
+/// states (a compacted topic) and decisions with the same ids, which
+/// readers take once.
 fn kafka_deadline() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(10)
 }
