@@ -134,7 +134,7 @@ pub async fn installation(
     let month: NaiveDate = now.date_naive().with_day(1).unwrap_or(now.date_naive());
     let all_time: (u64, u64, String) = q(
         "SELECT sum(requests), sum(total_tokens), toString(sum(cost_usd))
-         FROM usage_monthly FINAL WHERE install_id = {id:String}",
+         FROM usage_monthly WHERE install_id = {id:String}",
     )
     .fetch_one()
     .await?;
@@ -143,7 +143,7 @@ pub async fn installation(
                 toString(sumIf(cost_usd, date >= {month:Date})),
                 sumIf(requests, if(late_billing_month = toDate(0), toStartOfMonth(date),
                                    late_billing_month) = {month:Date})
-         FROM usage_daily FINAL
+         FROM usage_daily
          WHERE install_id = {id:String} AND date >= {month:Date} - INTERVAL 1 MONTH",
     )
     .param("month", month.to_string())

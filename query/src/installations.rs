@@ -10,8 +10,9 @@
 //! `requests`), `order` (`desc` default, `asc`), `limit` (1..=500, default
 //! 50), `offset`. Ties are broken by install_id, so pages are stable.
 //!
-//! Totals come from `usage_install_daily` (one row per installation and day;
-//! exact, deduplicated; its rows are the active days). Over 100,000
+//! Totals come from `usage_install_daily` (a SummingMergeTree of deltas: one
+//! row per installation and day once merged, summed without `FINAL`, its
+//! distinct days the active days). Over 100,000
 //! installations that aggregate is the cost of a page (a third of a second),
 //! so it is computed once per fleet and range ([`Ranking`], kept like the
 //! dashboard's figures when expensive), and every page, order and search is
@@ -213,9 +214,9 @@ pub async fn ranking(
     let sql = format!(
         "SELECT install_id, sum(requests) AS total_requests, sum(prompt_tokens) AS prompt_tokens,
                 sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
-                toString(sum(cost_usd)) AS cost, count() AS active_days,
+                toString(sum(cost_usd)) AS cost, uniqExact(date) AS active_days,
                 toUInt16(max(date)) AS last_date
-         FROM usage_install_daily FINAL
+         FROM usage_install_daily
          WHERE date >= {{date_from:Date}} AND date <= {{date_to:Date}} AND {}
          GROUP BY install_id",
         fleet.sql(),
@@ -306,10 +307,10 @@ pub async fn installations(
 /// What the page's installations are beside their totals: the small
 /// per-installation tables, and the distinct users (the costliest part)
 /// counted for these installations alone. The users are counted without
-/// `FINAL` (half the time over 100M events): a recompute replaces a daily
-/// row by a copy with the same key, never by nothing (a group of events
-/// stays a group; only erasure removes rows, all of an installation's), so
-/// the copies not yet merged away hold the same user hashes.
+/// `FINAL` (half the time over 100M events): the daily rollup's unmerged
+/// rows are deltas of one key, never removals (only erasure removes rows,
+/// all of an installation's), so they hold the same user hashes as the
+/// merged rows would.
 async fn labels(
     client: &Client,
     range: &DateRange,

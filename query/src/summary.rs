@@ -182,7 +182,7 @@ pub async fn summary(
                 sum(total_tokens) AS total_tokens, toString(sum(cost_usd)) AS cost,
                 sum(over_limit_requests) AS o, sum(over_limit_tokens) AS ot,
                 count() OVER () AS groups
-         FROM usage_daily FINAL
+         FROM usage_daily
          WHERE {filter}
          GROUP BY install_id, dim
          ORDER BY {order}, install_id
@@ -201,7 +201,7 @@ pub async fn summary(
         // A page past the end: count separately.
         None => {
             bind(client.query(&format!(
-                "SELECT count() FROM (SELECT 1 FROM usage_daily FINAL WHERE {filter} GROUP BY install_id, {dimension})"
+                "SELECT count() FROM (SELECT 1 FROM usage_daily WHERE {filter} GROUP BY install_id, {dimension})"
             )))
             .fetch_one()
             .await?

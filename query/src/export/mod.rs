@@ -190,7 +190,7 @@ fn rollup(group: ExportGroup, filter: &str) -> String {
         .collect();
     let grouped: Vec<String> = keys.iter().map(|(n, _)| format!("k_{n}")).collect();
     format!(
-        "SELECT {} FROM usage_daily FINAL WHERE {filter} GROUP BY {} ORDER BY {}",
+        "SELECT {} FROM usage_daily WHERE {filter} GROUP BY {} ORDER BY {}",
         named.join(", "),
         grouped.join(", "),
         grouped.join(", ")

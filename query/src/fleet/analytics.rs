@@ -162,8 +162,8 @@ pub async fn analytics(
             .param("month", params.month.to_string())
     };
     let daily: Vec<(String, u64, u64, f64, u64)> = q(
-        "SELECT toString(date), sum(requests), sum(total_tokens), toFloat64(sum(cost_usd)), count()
-         FROM usage_install_daily FINAL
+        "SELECT toString(date), sum(requests), sum(total_tokens), toFloat64(sum(cost_usd)), uniqExact(install_id)
+         FROM usage_install_daily
          WHERE {fleet} AND date >= {from:Date} AND date <= {to:Date}
          GROUP BY date ORDER BY date",
     )
@@ -183,13 +183,12 @@ pub async fn analytics(
         .collect();
     let daily = fill_days(&params.range, daily);
 
-    // Models and sources in one read of the monthly rollup (its FINAL merge
-    // is most of the cost: seconds over 100M events).
+    // Models and sources in one read of the monthly rollup.
     let share_rows: Vec<(u8, String, String, u64, u64, f64, u64)> = q(
         "SELECT toUInt8(grouping(model) = 0), formatDateTime(month, '%Y-%m'),
                 if(grouping(model) = 0, toString(model), toString(source)), sum(requests),
                 sum(total_tokens), toFloat64(sum(cost_usd)), uniqExact(install_id)
-         FROM usage_monthly FINAL
+         FROM usage_monthly
          WHERE {fleet} AND month >= {months_from:Date}
          GROUP BY GROUPING SETS ((month, model), (month, source))",
     )
@@ -207,7 +206,7 @@ pub async fn analytics(
 
     let by_model: Vec<(String, u64, u64, f64)> = q(
         "SELECT toString(model), sum(requests), sum(total_tokens), toFloat64(sum(cost_usd))
-         FROM usage_daily FINAL
+         FROM usage_daily
          WHERE {fleet} AND date >= {from:Date} AND date <= {to:Date}
          GROUP BY model",
     )
@@ -237,7 +236,7 @@ pub async fn analytics(
     // total, the registered rest in the first bucket.
     let used: Vec<(u8, u64)> = q(
         "SELECT toUInt8(least(if(n = 0, 0, toUInt8(floor(log10(n))) + 1), 6)) AS bucket, count()
-         FROM (SELECT install_id, sum(requests) AS n FROM usage_install_daily FINAL
+         FROM (SELECT install_id, sum(requests) AS n FROM usage_install_daily
                WHERE {fleet} AND date >= {month:Date} AND date < {month:Date} + INTERVAL 1 MONTH
                GROUP BY install_id)
          GROUP BY bucket",

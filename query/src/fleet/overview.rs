@@ -193,16 +193,16 @@ pub async fn overview(
     .fetch_one()
     .await?;
     // The last year from the per-installation daily rollup (a few rows an
-    // installation a day: a tenth of the monthly rollup's FINAL merge, which
-    // keeps every user, source and model), the months before from the
+    // installation a day: a tenth of the monthly rollup's rows, which
+    // keep every user, source and model), the months before from the
     // monthly one (the daily rows expire after two years, those never).
     let daily_from = month - Months::new(12);
     let all_time: (u64, u64, String) = q("SELECT sum(r), sum(t), toString(sum(c))
          FROM (SELECT sum(requests) AS r, sum(total_tokens) AS t, sum(cost_usd) AS c
-               FROM usage_monthly FINAL WHERE {fleet} AND month < {daily_from:Date}
+               FROM usage_monthly WHERE {fleet} AND month < {daily_from:Date}
                UNION ALL
                SELECT sum(requests), sum(total_tokens), sum(cost_usd)
-               FROM usage_install_daily FINAL WHERE {fleet} AND date >= {daily_from:Date})")
+               FROM usage_install_daily WHERE {fleet} AND date >= {daily_from:Date})")
     .param("daily_from", daily_from.to_string())
     .fetch_one()
     .await?;
@@ -211,7 +211,7 @@ pub async fn overview(
                 toString(sumIf(cost_usd, date >= {month:Date})),
                 sumIf(requests, date >= {d30:Date}), sumIf(total_tokens, date >= {d30:Date}),
                 toString(sumIf(cost_usd, date >= {d30:Date}))
-         FROM usage_install_daily FINAL WHERE {fleet} AND date >= {since:Date}",
+         FROM usage_install_daily WHERE {fleet} AND date >= {since:Date}",
     )
     .fetch_one()
     .await?;
@@ -246,7 +246,7 @@ pub async fn overview(
                           sumIf(total_tokens, date >= {{d30:Date}}) AS tokens,
                           sumIf(cost_usd, date >= {{d30:Date}}) AS cost,
                           sumIf(cost_usd, date >= {{month:Date}}) AS cost_mtd
-                   FROM usage_install_daily FINAL
+                   FROM usage_install_daily
                    WHERE {{fleet}} AND date >= {{since:Date}}
                    GROUP BY install_id
                    ORDER BY {order} DESC, install_id LIMIT 10) AS u
@@ -334,7 +334,7 @@ pub async fn trend(client: &Client, fleet: &Fleet, range: &DateRange) -> Result<
         to: range.from - Duration::days(1),
     };
     let sql = "SELECT toString(date), sum(requests), sum(total_tokens), toString(sum(cost_usd))
-               FROM usage_install_daily FINAL
+               FROM usage_install_daily
                WHERE {fleet} AND date >= {from:Date} AND date <= {to:Date}
                GROUP BY date ORDER BY date"
         .replace("{fleet}", fleet.sql());
@@ -399,7 +399,7 @@ async fn near_cap(
         return Ok(Vec::new());
     };
     let sql = "SELECT d.install_id, ifNull(m.account_id, ''), ifNull(m.plan, ''), d.used
-               FROM (SELECT install_id, sum(requests) AS used FROM usage_install_daily FINAL
+               FROM (SELECT install_id, sum(requests) AS used FROM usage_install_daily
                      WHERE {fleet} AND date >= {month:Date}
                      GROUP BY install_id HAVING used >= {least:UInt64}) AS d
                LEFT JOIN (SELECT install_id, account_id, plan FROM installation_metadata FINAL) AS m

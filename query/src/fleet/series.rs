@@ -40,7 +40,7 @@ pub async fn totals(
     let days = usize::try_from((to - from).num_days() + 1).unwrap_or(0);
     let sql = "SELECT toUInt16(dateDiff('day', {from:Date}, date)) AS day, sum(requests),
                       toFloat64(sum(cost_usd))
-               FROM usage_install_daily FINAL
+               FROM usage_install_daily
                WHERE {fleet} AND date >= {from:Date} AND date <= {to:Date}
                GROUP BY day"
         .replace("{fleet}", fleet.sql());
@@ -81,7 +81,7 @@ pub async fn scan(
     let days = usize::try_from((to - from).num_days() + 1).unwrap_or(0);
     let sql = "SELECT install_id, groupArray(toUInt16(dateDiff('day', {from:Date}, date))) AS days,
                       groupArray(requests) AS generations, groupArray(toFloat64(cost_usd)) AS cost
-               FROM usage_install_daily FINAL
+               FROM usage_install_daily
                WHERE {fleet} AND date >= {from:Date} AND date <= {to:Date}
                GROUP BY install_id"
         .replace("{fleet}", fleet.sql());
@@ -95,8 +95,8 @@ pub async fn scan(
         for ((day, generations), cost) in row.days.iter().zip(&row.generations).zip(&row.cost) {
             let i = usize::from(*day);
             if i < days {
-                series.generations[i] = *generations as f64;
-                series.cost[i] = *cost;
+                series.generations[i] += *generations as f64;
+                series.cost[i] += *cost;
             }
         }
         each(series);
