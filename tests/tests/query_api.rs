@@ -780,3 +780,33 @@ fn billing_month(created: &str) -> String {
         48 * 3_600_000,
     ))
 }
+
+#[tokio::test]
+async fn grouped_csv_quotes_only_the_fields_that_must_be() {
+    let p = Pipeline::start(true).await;
+    let site = Site::new(1);
+    assert_eq!(p.register(&site, "agency").await.0, 201);
+    let created = at(1, "12:00:00.000");
+    let events = [(1, "a,\"b\""), (2, "plain")]
+        .into_iter()
+        .map(|(id, model)| event(id, &site.user_hash(1), "bulk", model, 100, 20, &created))
+        .collect();
+    let (status, body) = p.send(&site, site.batch(events)).await;
+    assert_eq!(status, 200, "{body}");
+    p.wait_for_requests(&site, &day(2).to_string(), 2).await;
+    let r = export(
+        &p,
+        json!({"install_id": site.install_id, "date_from": day(2).to_string(), "group_by": "model", "format": "csv"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let csv = r.text().await.unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(
+        lines[1].starts_with("\"a,\"\"b\"\"\",1,100,20,120,"),
+        "{csv}"
+    );
+    assert!(lines[2].starts_with("plain,1,100,20,120,"), "{csv}");
+    p.stop().await;
+}

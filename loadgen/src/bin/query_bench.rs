@@ -521,26 +521,61 @@ async fn main() -> anyhow::Result<()> {
         bytes as f64 / 1048576.0 / secs,
         first_byte.unwrap_or_default().as_secs_f64() * 1000.0
     );
+    // The same rows as ClickHouse's own CSV, straight from it: what the
+    // export is measured against.
+    let raw_sql = format!(
+        "SELECT event_id, install_id, user_hash, source, model, prompt_tokens, completion_tokens,
+                total_tokens, cost_usd, created_at, processed_at
+         FROM usage_events WHERE toDate(created_at) >= '{}' AND toDate(created_at) <= '{}'
+         ORDER BY install_id, toDate(created_at), event_id FORMAT CSV",
+        day(7),
+        day(1)
+    );
+    clickhouse_csv(
+        &b.http,
+        &args,
+        "ClickHouse's CSV of the same raw events",
+        &raw_sql,
+    )
+    .await?;
     let t = Instant::now();
-    let r = b
+    let mut r = b
         .http
         .post(format!("{}/api/usage/export", b.base))
         .bearer_auth(&b.token)
         .json(&serde_json::json!({"group_by": "day", "format": "csv", "date_from": day(29)}))
         .send()
         .await?;
-    let text = r.bytes().await?;
-    let rows = text
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        .saturating_sub(1);
+    if !r.status().is_success() {
+        bail!("export: {}", r.status());
+    }
+    // Streamed and counted chunk by chunk, as ClickHouse's own CSV below.
+    let mut lines = 0u64;
+    while let Some(chunk) = r.chunk().await? {
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    let rows = lines.saturating_sub(1);
     println!(
         "{:<44} {rows:>9} rows in {:.1} s: {:.0} rows/s",
         "CSV export, by day/user/source, 30 days, all",
         t.elapsed().as_secs_f64(),
         rows as f64 / t.elapsed().as_secs_f64()
     );
+    let daily_sql = format!(
+        "SELECT date, user_hash, source, sum(requests), sum(prompt_tokens), sum(completion_tokens),
+                sum(total_tokens), sum(cost_usd)
+         FROM usage_daily WHERE date >= '{}' AND date <= '{}'
+         GROUP BY date, user_hash, source ORDER BY date, user_hash, source FORMAT CSV",
+        day(29),
+        day(0)
+    );
+    clickhouse_csv(
+        &b.http,
+        &args,
+        "ClickHouse's CSV of the same daily rows",
+        &daily_sql,
+    )
+    .await?;
     compute_costs(&args, &pick).await?;
     dashboard(&b, &pick, args.dashboard_secs).await?;
     println!("peak RSS of usage-query: {:.1} MiB", peak_rss_mib(pid));
@@ -815,5 +850,37 @@ async fn backtest(ch: &clickhouse::Client) -> anyhow::Result<()> {
             format!("{fleet_in}/{}", rows.len() * 2),
         );
     }
+    Ok(())
+}
+
+/// Streams `sql` (a `FORMAT CSV` query) straight from ClickHouse's HTTP
+/// interface and prints its rows/s, for the exports to be compared with.
+async fn clickhouse_csv(
+    http: &reqwest::Client,
+    args: &Args,
+    label: &str,
+    sql: &str,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let mut r = http
+        .post(&args.clickhouse_url)
+        .query(&[("database", args.database.as_str())])
+        .body(sql.to_string())
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("{label}: {} {}", r.status(), r.text().await?);
+    }
+    let (mut bytes, mut lines) = (0u64, 0u64);
+    while let Some(chunk) = r.chunk().await? {
+        bytes += chunk.len() as u64;
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{label:<44} {lines:>9} rows, {:.0} MiB in {secs:.1} s: {:.0} rows/s",
+        bytes as f64 / 1048576.0,
+        lines as f64 / secs
+    );
     Ok(())
 }

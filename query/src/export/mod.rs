@@ -133,25 +133,31 @@ impl ExportParams {
     }
 }
 
-/// A string column as an RFC 4180 field: quoted only when it must be.
+/// A column as an RFC 4180 field: quoted only when it must be. (A search
+/// for the four bytes, not a regular expression: a fifth of the export's
+/// ClickHouse time over 9M rows.)
 fn csv(expr: &str) -> String {
     format!(
-        "if(match({expr}, '[\",\\r\\n]'), concat('\"', replaceAll({expr}, '\"', '\"\"'), '\"'), {expr})"
+        "if(multiSearchAny(toString({expr}), ['\"', ',', '\\r', '\\n']), \
+         concat('\"', replaceAll(toString({expr}), '\"', '\"\"'), '\"'), toString({expr}))"
     )
 }
 
 /// The dimensions of a rollup export: (output name, expression). Inside the
 /// query they are aliased `k_<name>` so that no alias shadows a column.
+/// They are grouped and sorted as stored (a date, a LowCardinality string),
+/// and made text only for the lines: grouping by their text cost a tenth
+/// more.
 fn keys(group: ExportGroup) -> &'static [(&'static str, &'static str)] {
     match group {
         ExportGroup::Day => &[
-            ("date", "toString(date)"),
+            ("date", "date"),
             ("user_hash", "user_hash"),
-            ("source", "toString(source)"),
+            ("source", "source"),
         ],
         ExportGroup::User => &[("user_hash", "user_hash")],
-        ExportGroup::Source => &[("source", "toString(source)")],
-        ExportGroup::Model => &[("model", "toString(model)")],
+        ExportGroup::Source => &[("source", "source")],
+        ExportGroup::Model => &[("model", "model")],
         ExportGroup::Events => &[],
     }
 }
@@ -213,7 +219,10 @@ fn sql(params: &ExportParams, filter: &str) -> (String, String) {
                     ["date", "user_hash", "source"]
                         .iter()
                         .map(|n| {
-                            if present(n) {
+                            if *n == "date" && present(n) {
+                                // A date's text never needs quotes.
+                                "toString(k_date)".to_string()
+                            } else if present(n) {
                                 csv(&format!("k_{n}"))
                             } else {
                                 "''".to_string()
