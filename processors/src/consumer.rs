@@ -102,8 +102,9 @@ impl ClientContext for RebalanceWatch {
                 continue; // librdkafka's internal "unassigned" partition
             }
             let label = partition.to_string();
-            if p.desired && p.consumer_lag >= 0 {
-                gauge.with_label_values(&[&label]).set(p.consumer_lag);
+            let lag = partition_lag(p.consumer_lag, p.committed_offset, p.lo_offset, p.hi_offset);
+            if let (true, Some(lag)) = (p.desired, lag) {
+                gauge.with_label_values(&[&label]).set(lag);
                 exporters.insert(*partition, self.worker);
             } else if exporters.get(partition) == Some(&self.worker) {
                 exporters.remove(partition);
@@ -128,6 +129,22 @@ impl ConsumerContext for RebalanceWatch {
                 .store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
             self.assigned.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+/// A partition's lag: librdkafka's (its end less the committed offset) once
+/// the group has committed one; before that (a partition that never had
+/// traffic, or none since the group began) librdkafka says -1, and the lag
+/// is what a consumer starting at the earliest offset would read: the end
+/// less the log's start, 0 for an empty partition. `None` while the
+/// watermarks are not known yet.
+fn partition_lag(consumer_lag: i64, committed: i64, lo: i64, hi: i64) -> Option<i64> {
+    if consumer_lag >= 0 {
+        Some(consumer_lag)
+    } else if committed < 0 && lo >= 0 && hi >= lo {
+        Some(hi - lo)
+    } else {
+        None
     }
 }
 
@@ -973,4 +990,30 @@ fn read_ranges(
         .into_iter()
         .flat_map(|(p, events)| events.into_iter().map(move |e| (p, e)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_lag;
+
+    #[test]
+    fn a_committed_partition_has_librdkafkas_lag() {
+        assert_eq!(partition_lag(7, 93, 0, 100), Some(7));
+        assert_eq!(partition_lag(0, 100, 0, 100), Some(0));
+    }
+
+    #[test]
+    fn a_partition_never_committed_lags_by_what_it_holds() {
+        // -1001: librdkafka's invalid offset; the consumer starts at the earliest.
+        assert_eq!(partition_lag(-1, -1001, 0, 0), Some(0));
+        assert_eq!(partition_lag(-1, -1001, 40, 100), Some(60));
+    }
+
+    #[test]
+    fn unknown_watermarks_export_nothing() {
+        assert_eq!(partition_lag(-1, -1001, -1, -1), None);
+        assert_eq!(partition_lag(-1, -1001, 0, -1), None);
+        // Committed but the end not known yet.
+        assert_eq!(partition_lag(-1, 50, 0, -1), None);
+    }
 }

@@ -299,6 +299,19 @@ async fn workers_of_one_process_split_the_partitions_and_a_replacement_finishes_
         || async { (three.partitions().await == 4).then_some(()) },
     )
     .await;
+    // Before any traffic every partition's lag is exported, and 0: a
+    // partition the group never committed counts what it holds (nothing),
+    // not "unknown", which left a partition without a label whenever no
+    // site's key hashed to it.
+    eventually(
+        "every partition's lag exported before any traffic",
+        Duration::from_secs(30),
+        || async {
+            let lag = three.lag().await;
+            (lag.len() == 4 && lag.values().all(|l| *l == 0)).then_some(())
+        },
+    )
+    .await;
     let mut expected = vec![(0u64, 0u64); sites.len()];
     for round in 0..3u128 {
         for (i, s) in sites.iter().enumerate() {
