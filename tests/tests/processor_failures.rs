@@ -278,6 +278,15 @@ async fn two_instances_share_the_partitions_and_the_survivor_takes_over() {
 /// of them split the 4 partitions, the process reports their sums (owned
 /// partitions, every partition's lag), and when the process dies mid-stream
 /// a replacement with another worker count finishes exactly.
+/// Waits until `process` exports a lag for each of the 4 partitions, all 0.
+async fn every_lag_zero(process: &ProcessorProcess, what: &str) {
+    eventually(what, Duration::from_secs(30), || async {
+        let lag = process.lag().await;
+        (lag.len() == 4 && lag.values().all(|l| *l == 0)).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn workers_of_one_process_split_the_partitions_and_a_replacement_finishes_exactly() {
     let p = Pipeline::start(false).await;
@@ -303,15 +312,7 @@ async fn workers_of_one_process_split_the_partitions_and_a_replacement_finishes_
     // partition the group never committed counts what it holds (nothing),
     // not "unknown", which left a partition without a label whenever no
     // site's key hashed to it.
-    eventually(
-        "every partition's lag exported before any traffic",
-        Duration::from_secs(30),
-        || async {
-            let lag = three.lag().await;
-            (lag.len() == 4 && lag.values().all(|l| *l == 0)).then_some(())
-        },
-    )
-    .await;
+    every_lag_zero(&three, "every partition's lag exported before any traffic").await;
     let mut expected = vec![(0u64, 0u64); sites.len()];
     for round in 0..3u128 {
         for (i, s) in sites.iter().enumerate() {
@@ -323,15 +324,7 @@ async fn workers_of_one_process_split_the_partitions_and_a_replacement_finishes_
     for (s, e) in sites.iter().zip(&expected) {
         wait_exact(&p, s, *e).await;
     }
-    eventually(
-        "every partition's lag, exported once and zero",
-        Duration::from_secs(30),
-        || async {
-            let lag = three.lag().await;
-            (lag.len() == 4 && lag.values().all(|l| *l == 0)).then_some(())
-        },
-    )
-    .await;
+    every_lag_zero(&three, "every partition's lag, exported once and zero").await;
 
     // More traffic, and the process killed while it consumes it.
     for round in 3..6u128 {
