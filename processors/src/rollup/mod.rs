@@ -320,7 +320,7 @@ async fn write_batch(
 
 /// Inserts a batch's rows of one rollup table, one insert per table
 /// partition, each under its deduplication token (module docs, point 2).
-async fn insert_deltas<R>(
+pub async fn insert_deltas<R>(
     client: &Client,
     batch_id: &str,
     table: &str,
