@@ -30,7 +30,7 @@ use std::ops::ControlFlow;
 use clickhouse::Row;
 use serde::Serialize;
 use usage_processors::pricing::PriceTable;
-use usage_processors::rollup::to_row;
+use usage_processors::rollup::into_row;
 use usage_schemas::rows::UsageEventRow;
 use usage_schemas::{AvroRecord, UsageEvent};
 
@@ -319,7 +319,7 @@ async fn stage_from_topic(
                 {
                     chunk
                         .rows
-                        .push(StagedRow::new(to_row(&e, &prices), p, offset));
+                        .push(StagedRow::new(into_row(e, &prices), p, offset));
                 }
                 Some(Ok(_)) => chunk.skipped += 1,
                 // The live path skips what does not decode too (logged there).

@@ -288,6 +288,14 @@ async fn fenced_swap(
     timeout: Duration,
 ) -> Result<(), RebuildError> {
     let target = quiesce(ctx, timeout).await?;
+    if let Some(ms) = std::env::var("USAGE_REBUILD_HOLD_FENCE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        // Tests' fault injection (never set in production): a long fence,
+        // so that a batch surely arrives while it is up.
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let attempt = state.swap.as_ref().map_or(0, |s| s.attempt) + 1;
     if attempt > 1 {
         println!("attempt {attempt}: removing what the interrupted attempt assembled");

@@ -282,7 +282,14 @@ async fn a_rebuild_killed_and_resumed_equals_the_live_tables_and_swaps_and_rolls
     let before = contents(&server, &db).await;
     let stop = Arc::new(AtomicBool::new(false));
     let reading = reader(server.clone(), db.clone(), stop.clone());
-    let (swap, ()) = tokio::join!(rb.ok(&["swap"]), async {
+    let swapping = async {
+        let (code, text) = rb
+            .run(&["swap"], &[("USAGE_REBUILD_HOLD_FENCE_MS", "2000")])
+            .await;
+        assert_eq!(code, Some(0), "usage-rebuild swap:\n{text}");
+        text
+    };
+    let (swap, ()) = tokio::join!(swapping, async {
         // Sent once the processors are fenced: they wait, then write it
         // into the new tables.
         usage_e2e::eventually("the swap fences the processors", Duration::from_secs(60), || async {

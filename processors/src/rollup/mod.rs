@@ -115,6 +115,12 @@ pub fn day_of(ms: i64) -> NaiveDate {
 
 /// The row of `usage_events` for one event, priced.
 pub fn to_row(e: &UsageEvent, prices: &PriceTable) -> UsageEventRow {
+    into_row(e.clone(), prices)
+}
+
+/// [`to_row`], taking the event: its strings move into the row (the
+/// rebuild's bulk path converts tens of millions).
+pub fn into_row(e: UsageEvent, prices: &PriceTable) -> UsageEventRow {
     let prompt = u32::try_from(e.prompt_tokens).unwrap_or(u32::MAX);
     let completion = u32::try_from(e.completion_tokens).unwrap_or(u32::MAX);
     let cost = prices
@@ -123,27 +129,28 @@ pub fn to_row(e: &UsageEvent, prices: &PriceTable) -> UsageEventRow {
             tracing::error!(model = %e.model, "no price in force; cost recorded as 0");
             0
         });
+    let billing_month = billing_month(&e);
     UsageEventRow {
-        event_id: e.event_id.clone(),
-        install_id: e.install_id.clone(),
-        account_id: e.account_id.clone(),
+        event_id: e.event_id,
+        install_id: e.install_id,
+        account_id: e.account_id,
         wp_site_id: e.wp_site_id.and_then(|s| u64::try_from(s).ok()),
-        user_hash: e.wp_user_id_hash.clone(),
-        source: e.source.clone(),
-        model: e.model.clone(),
+        user_hash: e.wp_user_id_hash,
+        source: e.source,
+        model: e.model,
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: u32::try_from(e.total_tokens).unwrap_or(u32::MAX),
         cost_usd: cost,
-        context: e.context_json.clone().unwrap_or_default(),
+        context: e.context_json.unwrap_or_default(),
         created_at: millis(e.created_at),
         processed_at: e.processed_at.map(millis),
         batch_sent_at: e.batch_sent_at.map(millis),
         received_at: millis(e.received_at),
-        signature_scheme: e.signature_scheme.clone(),
-        gateway_instance: e.gateway_instance.clone(),
-        over_limit: e.over_limit.clone().unwrap_or_default(),
-        billing_month: billing_month(e),
+        signature_scheme: e.signature_scheme,
+        gateway_instance: e.gateway_instance,
+        over_limit: e.over_limit.unwrap_or_default(),
+        billing_month,
     }
 }
 
