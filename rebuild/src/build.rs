@@ -1,17 +1,17 @@
 //! The bulk path: the scope's events into the shadow tables as fast as the
 //! machine allows, with none of the live path's per-batch lookups.
 //!
-//! Topic source:
-//! 1. *raw*: every message of `[from, to)` (the log start to the live
-//!    group's committed offsets at the start) is decoded, priced with
-//!    today's `model_prices` and staged with its partition and offset in
-//!    `rebuild_staging`, in inserts of half a million rows. The position
-//!    is saved after each insert; rows staged twice after a restart are
-//!    the same rows, and the next step keeps one.
-//! 2. *dedupe*: per month partition, ClickHouse keeps the first copy of
-//!    each (installation, day, event id) in offset order (first write
-//!    wins, as on the live path) and drops events of erased installations
-//!    received before their erasure, into the shadow `usage_events`.
+//! Topic source, *raw*: one partition at a time (an installation's events
+//! are all in one partition), every message of `[from, to)` (the log
+//! start to the live group's committed offsets at the start) is decoded;
+//! the first copy of each (installation, day, event id) in offset order is
+//! kept (first write wins, as on the live path), events of erased
+//! installations received before their erasure are dropped, and the rest
+//! are priced with today's `model_prices` and inserted into the shadow
+//! `usage_events` in inserts of half a million rows, the position saved
+//! after each. A partition interrupted mid-way is read again from its
+//! start, after its rows are deleted (`CRC32(install_id) % partitions`,
+//! the gateway's partitioner), so its copies are told apart again.
 //!
 //! Table source: *raw* reads the live `usage_events FINAL` in the scope,
 //! month by month, and re-prices each row.
@@ -24,11 +24,9 @@
 //! before it is written, so a phase killed mid-month redoes that month
 //! whole.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::ControlFlow;
 
-use clickhouse::Row;
-use serde::Serialize;
 use usage_processors::pricing::PriceTable;
 use usage_processors::rollup::into_row;
 use usage_schemas::rows::UsageEventRow;
@@ -39,86 +37,14 @@ use crate::error::RebuildError;
 use crate::plan::{Plan, RAW_COLUMNS};
 use crate::progress::Progress;
 use crate::scope::Scope;
-use crate::state::{RebuildState, StateStore, PHASE_DAILY, PHASE_DEDUPE, PHASE_RAW, STATE_DDL};
+use crate::state::{RebuildState, StateStore, PHASE_DAILY, PHASE_RAW, STATE_DDL};
 use crate::{catchup, topic, Ctx};
-
-/// A staged event: the columns of `usage_events` (as `UsageEventRow`;
-/// the `clickhouse` crate's rows cannot nest one in another), then where
-/// it was in the topic.
-#[derive(Debug, Clone, Row, Serialize)]
-struct StagedRow {
-    event_id: String,
-    install_id: String,
-    account_id: String,
-    wp_site_id: Option<u64>,
-    user_hash: String,
-    source: String,
-    model: String,
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-    cost_usd: i64,
-    context: String,
-    #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
-    created_at: chrono::DateTime<chrono::Utc>,
-    #[serde(with = "clickhouse::serde::chrono::datetime64::millis::option")]
-    processed_at: Option<chrono::DateTime<chrono::Utc>>,
-    #[serde(with = "clickhouse::serde::chrono::datetime64::millis::option")]
-    batch_sent_at: Option<chrono::DateTime<chrono::Utc>>,
-    #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
-    received_at: chrono::DateTime<chrono::Utc>,
-    signature_scheme: String,
-    gateway_instance: String,
-    over_limit: String,
-    #[serde(with = "clickhouse::serde::chrono::date")]
-    billing_month: chrono::NaiveDate,
-    kafka_partition: i32,
-    kafka_offset: i64,
-}
-
-impl StagedRow {
-    fn new(r: UsageEventRow, kafka_partition: i32, kafka_offset: i64) -> Self {
-        Self {
-            event_id: r.event_id,
-            install_id: r.install_id,
-            account_id: r.account_id,
-            wp_site_id: r.wp_site_id,
-            user_hash: r.user_hash,
-            source: r.source,
-            model: r.model,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-            total_tokens: r.total_tokens,
-            cost_usd: r.cost_usd,
-            context: r.context,
-            created_at: r.created_at,
-            processed_at: r.processed_at,
-            batch_sent_at: r.batch_sent_at,
-            received_at: r.received_at,
-            signature_scheme: r.signature_scheme,
-            gateway_instance: r.gateway_instance,
-            over_limit: r.over_limit,
-            billing_month: r.billing_month,
-            kafka_partition,
-            kafka_offset,
-        }
-    }
-}
-
-/// The staging table has the raw table's columns, then the topic position;
-/// sorted so that the first copy of an event comes first.
-const STAGING_DDL: &str = "CREATE TABLE IF NOT EXISTS rebuild_staging
-ENGINE = MergeTree
-PARTITION BY toYYYYMM(created_at)
-ORDER BY (install_id, toDate(created_at), event_id, kafka_partition, kafka_offset)
-AS SELECT *, toInt32(0) AS kafka_partition, toInt64(0) AS kafka_offset FROM usage_events WHERE 0";
 
 /// Creates the shadow database from the current migrations, with the
 /// rebuild's own tables.
 pub async fn prepare(ctx: &Ctx) -> Result<(), RebuildError> {
     usage_schemas::migrations::migrate(&ctx.server, &ctx.shadow_db).await?;
     ctx.shadow.query(STATE_DDL).execute().await?;
-    ctx.shadow.query(STAGING_DDL).execute().await?;
     Ok(())
 }
 
@@ -204,10 +130,7 @@ pub async fn run(ctx: &Ctx, args: &BuildArgs) -> Result<(), RebuildError> {
     match state.source {
         Source::Topic => {
             if !state.phase_done(PHASE_RAW) {
-                stage_from_topic(ctx, &mut state, &mut store, &prices, args.insert_rows).await?;
-            }
-            if !state.phase_done(PHASE_DEDUPE) {
-                dedupe(ctx, &mut state, &mut store).await?;
+                raw_from_topic(ctx, &mut state, &mut store, &prices, args.insert_rows).await?;
             }
         }
         Source::Table => {
@@ -228,7 +151,7 @@ pub async fn run(ctx: &Ctx, args: &BuildArgs) -> Result<(), RebuildError> {
     )
     .await?;
     println!(
-        "built in {:.1} s: {} events staged, {} outside the scope skipped; caught up {} events since; \
+        "built in {:.1} s: {} events stored, {} copies and messages outside the scope skipped; caught up {} events since; \
          next: `usage-rebuild compare`, then `usage-rebuild swap`",
         started.elapsed().as_secs_f64(),
         state.events_staged,
@@ -250,16 +173,40 @@ impl Ctx {
     }
 }
 
-/// What the Kafka thread hands the inserter: staged rows, and where each
+/// What the Kafka thread hands the inserter: first copies, and where the
 /// partition's read got to once they are stored.
 struct Chunk {
-    rows: Vec<StagedRow>,
-    position: BTreeMap<i32, i64>,
+    rows: Vec<UsageEventRow>,
+    position: i64,
     messages: u64,
     skipped: u64,
 }
 
-async fn stage_from_topic(
+impl Chunk {
+    fn new(capacity: usize) -> Self {
+        Self {
+            rows: Vec::with_capacity(capacity),
+            position: 0,
+            messages: 0,
+            skipped: 0,
+        }
+    }
+}
+
+/// Every erased installation (a few): when it was last erased, in ms.
+async fn erasures(ctx: &Ctx) -> Result<HashMap<String, i64>, RebuildError> {
+    let rows: Vec<(String, i64)> = ctx
+        .live
+        .query(
+            "SELECT install_id, toUnixTimestamp64Milli(max(erased_at)) FROM erased_installations
+             GROUP BY install_id",
+        )
+        .fetch_all()
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+async fn raw_from_topic(
     ctx: &Ctx,
     state: &mut RebuildState,
     store: &mut StateStore,
@@ -270,40 +217,92 @@ async fn stage_from_topic(
     // (the gateway pins the partitioner): a scope of some installations
     // reads only theirs, and skips other keys before decoding.
     let partition_count = i32::try_from(state.to.len()).unwrap_or(i32::MAX);
-    let wanted: Option<std::collections::BTreeSet<i32>> =
-        (!state.scope.installs.is_empty()).then(|| {
-            state
-                .scope
-                .installs
-                .iter()
-                .map(|i| usage_service_kit::kafka::partition_for_key(i.as_bytes(), partition_count))
-                .collect()
-        });
-    let ranges: BTreeMap<i32, (i64, i64)> = state
+    let wanted: Option<BTreeSet<i32>> = (!state.scope.installs.is_empty()).then(|| {
+        state
+            .scope
+            .installs
+            .iter()
+            .map(|i| usage_service_kit::kafka::partition_for_key(i.as_bytes(), partition_count))
+            .collect()
+    });
+    let todo: Vec<(i32, i64, i64)> = state
         .to
         .iter()
         .filter(|(p, _)| wanted.as_ref().is_none_or(|w| w.contains(p)))
-        .map(|(p, to)| (*p, (state.position.get(p).copied().unwrap_or(*to), *to)))
+        .map(|(p, to)| (*p, state.from.get(p).copied().unwrap_or(*to), *to))
+        .filter(|(p, _, to)| state.position.get(p).is_none_or(|at| at < to))
         .collect();
-    let total: u64 = ranges.values().map(|(a, b)| (b - a).max(0) as u64).sum();
+    let total: u64 = todo
+        .iter()
+        .map(|(p, from, to)| (to - state.position.get(p).copied().unwrap_or(*from)).max(0) as u64)
+        .sum();
     let progress = Progress::new("raw", total, "messages");
+    let erased = erasures(ctx).await?;
+    for (p, from, to) in todo {
+        if state.position.get(&p).is_some_and(|at| *at > from) {
+            // Interrupted mid-partition: its first copies are told apart
+            // again from its start.
+            ctx.shadow
+                .query("ALTER TABLE usage_events DELETE WHERE CRC32(install_id) % {n:UInt32} = {p:UInt32}")
+                .param("n", partition_count)
+                .param("p", p)
+                .with_setting("mutations_sync", "2")
+                .execute()
+                .await?;
+            state.position.insert(p, from);
+            store.save(state).await?;
+        }
+        progress.set_message(format!("partition {p}"));
+        read_partition(
+            ctx,
+            state,
+            store,
+            prices,
+            insert_rows,
+            &erased,
+            p,
+            (from, to),
+            &progress,
+        )
+        .await?;
+    }
+    state.finish_phase(PHASE_RAW);
+    store.save(state).await?;
+    progress.finish(&format!(
+        "{} first copies stored, {} copies and events outside the scope skipped",
+        state.events_staged, state.events_skipped
+    ));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_partition(
+    ctx: &Ctx,
+    state: &mut RebuildState,
+    store: &mut StateStore,
+    prices: &PriceTable,
+    insert_rows: usize,
+    erased: &HashMap<String, i64>,
+    p: i32,
+    range: (i64, i64),
+    progress: &Progress,
+) -> Result<(), RebuildError> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
     let kafka = ctx.kafka.clone();
     let group = format!("usage-rebuild-{}", state.id);
     let scope = state.scope.clone();
     let prices = prices.clone();
+    let erased = erased.clone();
     let reader = tokio::task::spawn_blocking(move || {
-        let mut chunk = Chunk {
-            rows: Vec::with_capacity(insert_rows),
-            position: BTreeMap::new(),
-            messages: 0,
-            skipped: 0,
-        };
+        // The partition's first copies: (installation, day, event id).
+        let mut seen: HashSet<(String, i64, String)> = HashSet::new();
+        let mut chunk = Chunk::new(insert_rows);
         let mut undecodable = 0u64;
         let mut closed = false;
-        let read = topic::read_ranges(&kafka, &group, &ranges, |p, offset, key, payload| {
+        let ranges = BTreeMap::from([(p, range)]);
+        let read = topic::read_ranges(&kafka, &group, &ranges, |_, offset, key, payload| {
             chunk.messages += 1;
-            chunk.position.insert(p, offset + 1);
+            chunk.position = offset + 1;
             let other_key = !scope.installs.is_empty()
                 && key.is_some_and(|k| !scope.installs.iter().any(|i| i.as_bytes() == k));
             if other_key {
@@ -311,30 +310,29 @@ async fn stage_from_topic(
                 return ControlFlow::Continue(());
             }
             match payload.map(UsageEvent::from_wire) {
-                Some(Ok(e))
-                    if scope.contains(
-                        &e.install_id,
-                        usage_processors::rollup::day_of(e.created_at),
-                    ) =>
-                {
-                    chunk
-                        .rows
-                        .push(StagedRow::new(into_row(e, &prices), p, offset));
+                Some(Ok(e)) => {
+                    let day = usage_processors::rollup::day_of(e.created_at);
+                    let gone = erased
+                        .get(&e.install_id)
+                        .is_some_and(|at| e.received_at <= *at);
+                    if gone
+                        || !scope.contains(&e.install_id, day)
+                        || !seen.insert((
+                            e.install_id.clone(),
+                            e.created_at.div_euclid(86_400_000),
+                            e.event_id.clone(),
+                        ))
+                    {
+                        chunk.skipped += 1;
+                    } else {
+                        chunk.rows.push(into_row(e, &prices));
+                    }
                 }
-                Some(Ok(_)) => chunk.skipped += 1,
                 // The live path skips what does not decode too (logged there).
                 _ => undecodable += 1,
             }
             if chunk.rows.len() >= insert_rows {
-                let full = std::mem::replace(
-                    &mut chunk,
-                    Chunk {
-                        rows: Vec::with_capacity(insert_rows),
-                        position: BTreeMap::new(),
-                        messages: 0,
-                        skipped: 0,
-                    },
-                );
+                let full = std::mem::replace(&mut chunk, Chunk::new(insert_rows));
                 if tx.blocking_send(full).is_err() {
                     closed = true;
                     return ControlFlow::Break(());
@@ -342,7 +340,7 @@ async fn stage_from_topic(
             }
             ControlFlow::Continue(())
         });
-        if !closed && (chunk.messages > 0 || !chunk.rows.is_empty()) {
+        if !closed && chunk.messages > 0 {
             let _ = tx.blocking_send(chunk);
         }
         read.map(|()| undecodable)
@@ -351,24 +349,25 @@ async fn stage_from_topic(
     let abort_after: Option<u64> = std::env::var("USAGE_REBUILD_ABORT_AFTER_CHUNKS")
         .ok()
         .and_then(|v| v.parse().ok());
-    let mut chunks = 0u64;
     while let Some(chunk) = rx.recv().await {
-        if let Err(err) = stage(ctx, &chunk.rows).await {
+        if let Err(err) = insert_raw(ctx, &chunk.rows).await {
             insert_error = Some(err);
             break;
         }
-        state.position.extend(chunk.position);
+        state.position.insert(p, chunk.position);
         state.events_staged += chunk.rows.len() as u64;
         state.events_skipped += chunk.skipped;
+        state.chunks += u64::from(!chunk.rows.is_empty());
         store.save(state).await?;
-        chunks += 1;
-        if abort_after == Some(chunks) {
+        if abort_after == Some(state.chunks) {
             // Tests' fault injection (never set in production): dies like kill -9.
-            eprintln!("USAGE_REBUILD_ABORT_AFTER_CHUNKS: aborting after {chunks} staged chunks");
+            eprintln!(
+                "USAGE_REBUILD_ABORT_AFTER_CHUNKS: aborting after {} inserts",
+                state.chunks
+            );
             std::process::abort();
         }
         progress.inc(chunk.messages);
-        progress.set_message(format!("{} staged", state.events_staged));
     }
     drop(rx);
     let undecodable = reader
@@ -379,24 +378,19 @@ async fn stage_from_topic(
     }
     if undecodable > 0 {
         tracing::warn!(
+            partition = p,
             undecodable,
             "messages that do not decode were skipped, as the processors skip them"
         );
     }
-    state.finish_phase(PHASE_RAW);
-    store.save(state).await?;
-    progress.finish(&format!(
-        "{} events staged, {} outside the scope",
-        state.events_staged, state.events_skipped
-    ));
     Ok(())
 }
 
-async fn stage(ctx: &Ctx, rows: &[StagedRow]) -> Result<(), RebuildError> {
+async fn insert_raw(ctx: &Ctx, rows: &[UsageEventRow]) -> Result<(), RebuildError> {
     if rows.is_empty() {
         return Ok(());
     }
-    let mut insert = ctx.shadow.insert::<StagedRow>("rebuild_staging").await?;
+    let mut insert = ctx.shadow.insert::<UsageEventRow>("usage_events").await?;
     for row in rows {
         insert.write(row).await?;
     }
@@ -472,40 +466,6 @@ async fn per_month(
         .await?;
     progress.finish(&format!("{rows} {what}"));
     Ok(())
-}
-
-async fn dedupe(
-    ctx: &Ctx,
-    state: &mut RebuildState,
-    store: &mut StateStore,
-) -> Result<(), RebuildError> {
-    let months = partitions(&ctx.shadow, "rebuild_staging").await?;
-    let progress = Progress::new("dedupe", months.len() as u64, "months");
-    let cols = RAW_COLUMNS.map(|c| format!("s.{c}")).join(", ");
-    let sql = format!(
-        "INSERT INTO usage_events ({})
-         WITH (SELECT (groupArray(install_id), groupArray(at))
-               FROM (SELECT install_id, max(erased_at) AS at FROM {} GROUP BY install_id)) AS erased
-         SELECT {cols} FROM rebuild_staging AS s
-         WHERE s._partition_id = {{id:String}}
-           AND s.received_at > transform(s.install_id, erased.1, erased.2, toDateTime64(0, 3, 'UTC'))
-         ORDER BY s.install_id, toDate(s.created_at), s.event_id, s.kafka_partition, s.kafka_offset
-         LIMIT 1 BY s.install_id, toDate(s.created_at), s.event_id",
-        RAW_COLUMNS.join(", "),
-        ctx.live_table("erased_installations")
-    );
-    per_month(
-        ctx,
-        state,
-        store,
-        PHASE_DEDUPE,
-        "usage_events",
-        &months,
-        &sql,
-        &progress,
-        "distinct events kept",
-    )
-    .await
 }
 
 async fn copy_from_table(
@@ -590,7 +550,7 @@ pub const DAILY_FROM_RAW: &str = "SELECT install_id, toDate(created_at) AS date,
        if(billing_month = toStartOfMonth(created_at), toDate(0), billing_month) AS late_billing_month,
        any(account_id), count(), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
        sum(cost_usd), countIf(over_limit != ''), sumIf(total_tokens, over_limit != '')
-FROM usage_events";
+FROM usage_events FINAL";
 
 async fn sum_daily(
     ctx: &Ctx,
@@ -616,19 +576,4 @@ async fn sum_daily(
         "daily rows",
     )
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_staged_row_is_the_raw_row_then_its_position() {
-        let names = <StagedRow as Row>::COLUMN_NAMES;
-        assert_eq!(&names[..RAW_COLUMNS.len()], &RAW_COLUMNS[..]);
-        assert_eq!(
-            &names[RAW_COLUMNS.len()..],
-            &["kafka_partition", "kafka_offset"]
-        );
-    }
 }

@@ -135,7 +135,7 @@ async fn status(ctx: &Ctx) -> Result<(), RebuildError> {
         }
     );
     println!(
-        "  staged:  {} events ({} outside the scope skipped)",
+        "  stored:  {} events ({} copies and messages outside the scope skipped)",
         state.events_staged, state.events_skipped
     );
     let applied: Vec<String> = state

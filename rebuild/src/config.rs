@@ -113,7 +113,7 @@ pub struct BuildArgs {
     /// Print the plan and stop.
     #[arg(long)]
     pub dry_run: bool,
-    /// Events per insert into the staging table (the bulk path).
+    /// Events per insert of the bulk path (memory: four inserts are in flight).
     #[arg(long, default_value_t = 500_000)]
     pub insert_rows: usize,
 }

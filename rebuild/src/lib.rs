@@ -3,8 +3,9 @@
 //! A rebuild recomputes the raw events and every rollup of a scope
 //! (`scope`) into shadow tables created by the current migrations in a
 //! database of their own, from the events topic or from the live raw table
-//! (`build`, the bulk path: events staged in large inserts, deduplicated
-//! and summed by ClickHouse once per month partition), then keeps up with
+//! (`build`, the bulk path: the first copy of each event kept in memory per
+//! partition, large inserts, the daily sums made by ClickHouse once per
+//! month partition), then keeps up with
 //! what arrives meanwhile (`catchup`, the processors' own exactly-once
 //! order), compares the shadow with the live tables (`compare`) and swaps
 //! them in with `EXCHANGE TABLES` while the processors are fenced for the

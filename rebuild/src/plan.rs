@@ -112,8 +112,8 @@ impl Plan {
         })
     }
 
-    /// Bytes the shadow tables need for the scope (and the staging table,
-    /// for the topic source), from the live tables' bytes per row.
+    /// Bytes the shadow tables need for the scope, from the live tables'
+    /// bytes per row.
     pub fn bytes_needed(&self) -> u64 {
         let (raw_rows, raw_bytes) = self
             .live_sizes
@@ -125,11 +125,6 @@ impl Plan {
             Source::Topic => self.messages,
             Source::Table => 0,
         }) as f64;
-        let staging = if self.source == Source::Topic {
-            2.0
-        } else {
-            1.0
-        };
         let rollups: u64 = self
             .live_sizes
             .iter()
@@ -137,7 +132,7 @@ impl Plan {
             .map(|(_, (_, b))| *b)
             .sum();
         let fraction = (scoped / raw_rows.max(1) as f64).min(1.0);
-        (scoped * per_row * staging + rollups as f64 * fraction) as u64
+        (scoped * per_row + rollups as f64 * fraction) as u64
     }
 
     pub fn render(&self) -> String {

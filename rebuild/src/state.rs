@@ -5,7 +5,7 @@
 //! The document only ever grows a new version (ReplacingMergeTree by
 //! `version`); reading takes the highest. Each step is either idempotent
 //! by construction (a month partition dropped and written again; rows
-//! staged twice are the same rows) or recorded before it writes, with
+//! of an interrupted partition deleted and read again) or recorded before it writes, with
 //! deduplication tokens derived from what was recorded (catch-up chunks).
 
 use std::collections::BTreeMap;
@@ -28,7 +28,6 @@ pub const TABLES: [&str; 4] = [
 
 /// The build's phases, in order.
 pub const PHASE_RAW: &str = "raw";
-pub const PHASE_DEDUPE: &str = "dedupe";
 pub const PHASE_DAILY: &str = "daily";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,8 +58,14 @@ pub struct RebuildState {
     /// these ranges (inclusive) if the rebuild died mid-way.
     pub pending: Option<BTreeMap<i32, (i64, i64)>>,
     pub swap: Option<SwapState>,
+    /// Events stored by the raw phase (first copies in the scope).
     pub events_staged: u64,
+    /// Messages the raw phase read and did not store: copies, other
+    /// installations or days, erased installations.
     pub events_skipped: u64,
+    /// Inserts of the raw phase (of at least one event).
+    #[serde(default)]
+    pub chunks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +110,7 @@ impl RebuildState {
             swap: None,
             events_staged: 0,
             events_skipped: 0,
+            chunks: 0,
         }
     }
 
@@ -234,13 +240,13 @@ mod tests {
     fn the_state_round_trips_through_json() {
         let mut s = RebuildState::new(Scope::default(), Source::Topic);
         s.from.insert(0, 5);
-        s.finish_month(PHASE_DEDUPE, 202611);
-        s.finish_month(PHASE_DEDUPE, 202611);
+        s.finish_month(PHASE_DAILY, 202611);
+        s.finish_month(PHASE_DAILY, 202611);
         s.finish_phase(PHASE_RAW);
         s.pending = Some(BTreeMap::from([(3, (10, 19))]));
         let back: RebuildState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
-        assert_eq!(back.months_done[PHASE_DEDUPE], vec![202611]);
+        assert_eq!(back.months_done[PHASE_DAILY], vec![202611]);
         assert!(back.phase_done(PHASE_RAW));
         assert!(!back.built());
         assert!(!back.swapped());
