@@ -266,6 +266,19 @@ async fn raw_from_topic(
         )
         .await?;
     }
+    // Exact also when a partition was read twice.
+    state.events_staged = ctx
+        .shadow
+        .query("SELECT count() FROM usage_events FINAL")
+        .fetch_one()
+        .await?;
+    let read: u64 = state
+        .to
+        .iter()
+        .filter(|(p, _)| wanted.as_ref().is_none_or(|w| w.contains(p)))
+        .map(|(p, to)| (to - state.from.get(p).copied().unwrap_or(*to)).max(0) as u64)
+        .sum();
+    state.events_skipped = read.saturating_sub(state.events_staged);
     state.finish_phase(PHASE_RAW);
     store.save(state).await?;
     progress.finish(&format!(
