@@ -24,7 +24,7 @@
 //! before it is written, so a phase killed mid-month redoes that month
 //! whole.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::ControlFlow;
 
 use usage_processors::pricing::PriceTable;
@@ -217,14 +217,7 @@ async fn raw_from_topic(
     // (the gateway pins the partitioner): a scope of some installations
     // reads only theirs, and skips other keys before decoding.
     let partition_count = i32::try_from(state.to.len()).unwrap_or(i32::MAX);
-    let wanted: Option<BTreeSet<i32>> = (!state.scope.installs.is_empty()).then(|| {
-        state
-            .scope
-            .installs
-            .iter()
-            .map(|i| usage_service_kit::kafka::partition_for_key(i.as_bytes(), partition_count))
-            .collect()
-    });
+    let wanted = state.scope.partitions(partition_count);
     let todo: Vec<(i32, i64, i64)> = state
         .to
         .iter()

@@ -76,12 +76,7 @@ pub async fn apply(
     if !state.scope.installs.is_empty() && state.pending.is_none() {
         // Only the scope's installations' partitions can hold its events.
         let n = i32::try_from(target.len()).unwrap_or(i32::MAX);
-        let wanted: BTreeSet<i32> = state
-            .scope
-            .installs
-            .iter()
-            .map(|i| usage_service_kit::kafka::partition_for_key(i.as_bytes(), n))
-            .collect();
+        let wanted = state.scope.partitions(n).unwrap_or_default();
         for (p, t) in target {
             if !wanted.contains(p) && state.applied.get(p).is_none_or(|a| a < t) {
                 state.applied.insert(*p, *t);

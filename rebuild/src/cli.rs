@@ -33,7 +33,7 @@ pub async fn run(cli: &Cli) -> Result<(), RebuildError> {
         Command::Build(args) => build::run(&ctx, args).await,
         Command::Status => status(&ctx).await,
         Command::Compare(args) => {
-            let (mut store, mut state) = loaded(&ctx).await?;
+            let (mut store, mut state) = swap::load(&ctx).await?;
             if !state.built() {
                 return Err(RebuildError::refused(
                     "the build has not finished: run `usage-rebuild build`",
@@ -53,18 +53,16 @@ pub async fn run(cli: &Cli) -> Result<(), RebuildError> {
                 crate::catchup::Rollups::DailyOnly,
             )
             .await?;
-            let before = offsets(&ctx).await?;
-            let mut report = compare::compare(&ctx, &state, false, &Default::default(), 1).await?;
-            let after = offsets(&ctx).await?;
-            let partitions = i32::try_from(after.len()).unwrap_or(1);
+            let (before, partitions) = topic::live_offsets(&ctx.kafka, &ctx.group).await?;
+            let mut report = compare::compare(&ctx, &state, false).await?;
+            let (after, _) = topic::live_offsets(&ctx.kafka, &ctx.group).await?;
+            // Partitions the live processors wrote during the compare.
             let moved = after
                 .iter()
                 .filter(|(p, o)| before.get(p) != Some(o) || state.applied.get(p) != Some(o))
                 .map(|(p, _)| *p)
                 .collect();
-            if !report.differences.is_empty() {
-                report = compare::compare(&ctx, &state, false, &moved, partitions).await?;
-            }
+            report.mark_in_flight(&moved, partitions);
             print!("{}", report.render(args.show));
             if let Some(path) = &args.json {
                 std::fs::write(
@@ -87,31 +85,9 @@ pub async fn run(cli: &Cli) -> Result<(), RebuildError> {
     }
 }
 
-async fn loaded(
-    ctx: &Ctx,
-) -> Result<(crate::state::StateStore, crate::state::RebuildState), RebuildError> {
-    let mut store = crate::state::StateStore::new(ctx.shadow.clone(), &ctx.shadow_db);
-    let state = if ctx.shadow_db_exists().await? {
-        store.load().await?
-    } else {
-        None
-    };
-    let state = state.ok_or_else(|| {
-        RebuildError::refused(format!(
-            "no rebuild in `{}`: run `usage-rebuild build` first",
-            ctx.shadow_db
-        ))
-    })?;
-    Ok((store, state))
-}
-
-async fn offsets(ctx: &Ctx) -> Result<std::collections::BTreeMap<i32, i64>, RebuildError> {
-    Ok(topic::live_offsets(&ctx.kafka, &ctx.group).await?.0)
-}
-
 async fn status(ctx: &Ctx) -> Result<(), RebuildError> {
     let fenced = swap::fenced(ctx).await?;
-    let (_, state) = match loaded(ctx).await {
+    let (_, state) = match swap::load(ctx).await {
         Ok(x) => x,
         Err(RebuildError::Refused(msg)) => {
             println!("{msg}");

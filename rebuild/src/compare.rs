@@ -33,7 +33,7 @@ pub struct Figures {
     pub cost: i128,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Explanation {
     Repriced,
@@ -70,6 +70,35 @@ impl Report {
     pub fn clean(&self) -> bool {
         self.unexplained == 0
     }
+
+    fn count(&mut self) {
+        let n = |e: Explanation| {
+            self.differences
+                .iter()
+                .filter(|d| d.explanation == e)
+                .count()
+        };
+        (self.repriced, self.in_flight, self.unexplained) = (
+            n(Explanation::Repriced),
+            n(Explanation::InFlight),
+            n(Explanation::Unexplained),
+        );
+    }
+
+    /// An unexplained difference where the live side has more, in a
+    /// partition the live processors wrote during an unfenced compare, is
+    /// the live tables moving on.
+    pub fn mark_in_flight(&mut self, moved: &BTreeSet<i32>, partitions: i32) {
+        for d in &mut self.differences {
+            if d.explanation == Explanation::Unexplained
+                && d.shadow.requests < d.live.requests
+                && moved.contains(&partition_for_key(d.install_id.as_bytes(), partitions))
+            {
+                d.explanation = Explanation::InFlight;
+            }
+        }
+        self.count();
+    }
 }
 
 #[derive(Debug, Row, Deserialize)]
@@ -104,14 +133,12 @@ struct PricedRow {
 }
 
 /// Compares the shadow database's `usage_daily` with the live one over
-/// `state.scope`. `moved`: partitions the live processors wrote during
-/// the compare (empty when fenced).
+/// `state.scope` (unfenced, [`Report::mark_in_flight`] then tells what the
+/// live processors wrote meanwhile).
 pub async fn compare(
     ctx: &Ctx,
     state: &RebuildState,
     fenced: bool,
-    moved: &BTreeSet<i32>,
-    partitions: i32,
 ) -> Result<Report, RebuildError> {
     let scope = &state.scope;
     let both = format!(
@@ -193,19 +220,12 @@ pub async fn compare(
         if counts_agree {
             cost_only.push((r.install_id.clone(), r.date));
         }
-        let behind = !fenced
-            && (shadow.requests < live.requests)
-            && moved.contains(&partition_for_key(r.install_id.as_bytes(), partitions));
         report.differences.push(Difference {
             install_id: r.install_id.clone(),
             date: r.date,
             live,
             shadow,
-            explanation: if behind {
-                Explanation::InFlight
-            } else {
-                Explanation::Unexplained
-            },
+            explanation: Explanation::Unexplained,
         });
     }
     // A cost-only difference is a re-pricing when the live row's tokens
@@ -221,13 +241,7 @@ pub async fn compare(
             }
         }
     }
-    for d in &report.differences {
-        match d.explanation {
-            Explanation::Repriced => report.repriced += 1,
-            Explanation::InFlight => report.in_flight += 1,
-            Explanation::Unexplained => report.unexplained += 1,
-        }
-    }
+    report.count();
     for (install, live_rows, shadow_rows) in one_sided {
         if shadow_rows == 0 {
             report.missing_in_shadow.push(install);
@@ -368,6 +382,48 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_live_side_ahead_in_a_moved_partition_is_in_flight() {
+        let f = |requests| Figures {
+            requests,
+            total_tokens: requests,
+            cost: 0,
+        };
+        let d = |install: &str, live, shadow| Difference {
+            install_id: install.into(),
+            date: "2026-12-08".parse().unwrap(),
+            live: f(live),
+            shadow: f(shadow),
+            explanation: Explanation::Unexplained,
+        };
+        let mut r = Report {
+            scope: Scope::default(),
+            fenced: false,
+            rows_compared: 3,
+            live: f(0),
+            shadow: f(0),
+            differences: vec![d("a", 5, 3), d("a", 3, 5), d("b", 5, 3)],
+            repriced: 0,
+            in_flight: 0,
+            unexplained: 3,
+            missing_in_shadow: vec![],
+            extra_in_shadow: vec![],
+        };
+        let pa = partition_for_key(b"a", 4);
+        let pb = partition_for_key(b"b", 4);
+        let moved: BTreeSet<i32> = [pa].into();
+        r.mark_in_flight(&moved, 4);
+        assert_eq!(r.differences[0].explanation, Explanation::InFlight);
+        assert_eq!(r.differences[1].explanation, Explanation::Unexplained);
+        let b_moved = pb == pa;
+        assert_eq!(
+            r.differences[2].explanation == Explanation::InFlight,
+            b_moved
+        );
+        assert_eq!(r.in_flight + r.unexplained, 3);
+        assert!(!r.clean());
+    }
 
     #[test]
     fn costs_print_as_exact_usd() {

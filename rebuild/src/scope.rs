@@ -65,6 +65,18 @@ impl Scope {
         month >= self.since_or_min() && last <= self.until_or_max()
     }
 
+    /// The events topic's partitions that can hold the scope's events (an
+    /// installation's are all in the one its id hashes to, the gateway's
+    /// pinned partitioner); `None`: all of them.
+    pub fn partitions(&self, count: i32) -> Option<std::collections::BTreeSet<i32>> {
+        (!self.installs.is_empty()).then(|| {
+            self.installs
+                .iter()
+                .map(|i| usage_service_kit::kafka::partition_for_key(i.as_bytes(), count))
+                .collect()
+        })
+    }
+
     /// The SQL condition "in scope" for rows whose installation is
     /// `install_id` and whose day is `day` (an expression), with the
     /// parameters `scope_installs`, `scope_since`, `scope_until`

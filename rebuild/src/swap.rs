@@ -30,7 +30,7 @@
 //! attempt first removes what the last one assembled, and the tables'
 //! UUIDs tell which exchanges happened.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -84,7 +84,8 @@ pub async fn fenced(ctx: &Ctx) -> Result<bool, RebuildError> {
     Ok(n > 0)
 }
 
-async fn load(ctx: &Ctx) -> Result<(StateStore, RebuildState), RebuildError> {
+/// The rebuild in the shadow database, refused when there is none.
+pub async fn load(ctx: &Ctx) -> Result<(StateStore, RebuildState), RebuildError> {
     let mut store = StateStore::new(ctx.shadow.clone(), &ctx.shadow_db);
     if !ctx.shadow_db_exists().await? {
         return Err(RebuildError::refused(format!(
@@ -336,8 +337,7 @@ async fn fenced_swap(
         step.elapsed().as_secs_f64()
     );
 
-    let (_, partitions) = committed_now(ctx).await?;
-    let report = compare::compare(ctx, state, true, &BTreeSet::new(), partitions).await?;
+    let report = compare::compare(ctx, state, true).await?;
     print!("{}", report.render(20));
     if let Some(path) = &args.json {
         std::fs::write(
