@@ -256,7 +256,9 @@ async fn signed_batches_become_exact_summary_numbers_and_resends_change_nothing(
         std::time::Duration::from_secs(30),
         || async {
             let stored = p.processor_metric(DUPLICATES).await;
-            (stored == stored_before + 2 * events).then_some(())
+            // At least: a redelivery (a rebalance on a loaded machine) finds
+            // more copies stored; the totals below must not move either way.
+            (stored >= stored_before + 2 * events).then_some(())
         },
     )
     .await;
